@@ -1,0 +1,1 @@
+"""megatron_finevit: Megatron-core training codebase for FineViT."""

@@ -1,0 +1,1 @@
+"""Model code: FineViT encoder, attention, text tower, LLM, heads, VLM, teacher, layer specs."""

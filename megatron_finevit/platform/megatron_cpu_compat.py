@@ -1,0 +1,342 @@
+"""The megatron-core CPU compatibility layer.
+
+megatron-core 0.19 assumes CUDA in a handful of places that have nothing to do with the maths:
+device lookups, stream synchronisation, the RNG tracker, a few literal ``device="cuda"``
+arguments. On a CPU-only machine (our tests and CI) those places are the only thing standing
+between megatron-core and a correct gloo run, so we answer each one with a small, named shim.
+
+Rules:
+- Shims are applied only when CUDA is unavailable (``apply_cpu_compat`` is a no-op otherwise), so
+  nothing changes on a GPU cluster.
+- Applying is idempotent, and every shim can be removed again (``remove_cpu_compat``), which lets
+  the tests prove that each shim is needed: remove it, watch the megatron-core call it answers
+  fail, put it back, watch it pass (tests/platform/test_megatron_cpu_compat.py).
+- Each shim names the megatron-core code it answers in its ``answers`` field.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+_CPU = torch.device("cpu")
+
+
+@dataclass
+class Shim:
+    """One named patch: each (module path, attribute, make) target is set to ``make(original)``."""
+
+    name: str
+    answers: str
+    targets: list[tuple[str, str, Callable[[Any], Any]]]
+    _originals: dict[tuple[str, str], Any] = field(default_factory=dict)
+
+    @property
+    def applied(self) -> bool:
+        return bool(self._originals)
+
+    def apply(self) -> None:
+        if self.applied:
+            return
+        for module_path, attr, make in self.targets:
+            owner = _resolve(module_path)
+            # Take a class attribute from the class dict so a classmethod stays a classmethod.
+            in_class = isinstance(owner, type) and attr in vars(owner)
+            original = vars(owner)[attr] if in_class else getattr(owner, attr)
+            self._originals[(module_path, attr)] = original
+            setattr(owner, attr, make(original))
+
+    def remove(self) -> None:
+        for (module_path, attr), original in self._originals.items():
+            setattr(_resolve(module_path), attr, original)
+        self._originals.clear()
+
+
+def _resolve(path: str) -> Any:
+    """'torch.cuda' -> the module; 'pkg.mod:Class' -> the class inside the module."""
+    module_path, _, inner = path.partition(":")
+    obj = importlib.import_module(module_path)
+    for part in filter(None, inner.split(".")):
+        obj = getattr(obj, part)
+    return obj
+
+
+# --- the shims' replacement objects -----------------------------------------------------------
+
+
+class _NullStream:
+    """Stands in for ``torch.cuda.Stream``: on CPU every op is already ordered."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def record_event(self, event=None):
+        return event
+
+    def synchronize(self) -> None:
+        pass
+
+
+def _cpu_rng_tracker_class(cuda_tracker_class: type) -> type:
+    """A megatron RNG tracker that keeps CPU generator states instead of CUDA ones.
+
+    Dropout and weight initialisation inside ``get_cuda_rng_tracker().fork()`` then draw from
+    per-purpose CPU streams (the tensor-parallel stream differs per TP rank, the data-parallel one
+    is shared), exactly the semantics megatron gives the CUDA streams.
+    """
+
+    class CpuRNGStatesTracker(cuda_tracker_class):
+        def add(self, name, seed):
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            self.seeds_.add(seed)
+            generator = torch.Generator(device="cpu")
+            generator.manual_seed(seed)
+            self.states_[name] = generator.get_state()
+
+        @contextlib.contextmanager
+        def fork(self, name="model-parallel-rng"):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            outer_state = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(outer_state)
+
+    CpuRNGStatesTracker.__name__ = "CpuRNGStatesTracker"
+    return CpuRNGStatesTracker
+
+
+def _cpu_causal_mask(sq: int) -> torch.Tensor:
+    """[sq, sq] bool, True above the diagonal (masked), as megatron's but on the CPU."""
+    return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+
+class _TorchOnCpu:
+    """``torch`` as seen by a megatron module whose code writes ``device="cuda"`` literally.
+
+    Tensor factories get their ``device`` argument rewritten to the CPU; every other attribute is
+    torch's own. Set as the module's global ``torch``, it changes nothing but those literals.
+    """
+
+    _FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "zeros_like", "ones_like",
+                  "empty_like", "full_like", "arange")
+
+    def __getattr__(self, name):
+        attr = getattr(torch, name)
+        if name in self._FACTORIES:
+            def factory(*args, **kwargs):
+                if _is_cuda(kwargs.get("device")):
+                    kwargs["device"] = _CPU
+                return attr(*args, **kwargs)
+
+            return factory
+        return attr
+
+
+def _is_cuda(device) -> bool:
+    if device is None:
+        return False
+    if isinstance(device, int):  # a bare int is a CUDA ordinal
+        return True
+    return torch.device(device).type == "cuda"
+
+
+_CUDA_TYPE_NAMES = {
+    "torch.FloatTensor": "torch.cuda.FloatTensor",
+    "torch.HalfTensor": "torch.cuda.HalfTensor",
+    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
+}
+
+
+def _reporting_cuda_type_names(fn):
+    """Run ``fn`` with ``Tensor.type()`` (no arguments) answering CUDA type names for CPU tensors,
+    for megatron code that dispatches on ``param.type() == 'torch.cuda.FloatTensor'``."""
+    original_type = torch.Tensor.type
+
+    def cuda_named_type(self, *args, **kwargs):
+        name = original_type(self, *args, **kwargs)
+        if args or kwargs:
+            return name
+        return _CUDA_TYPE_NAMES.get(name, name)
+
+    def wrapper(*args, **kwargs):
+        torch.Tensor.type = cuda_named_type
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.Tensor.type = original_type
+
+    wrapper.__wrapped__ = fn
+    return wrapper
+
+
+def _reporting_cuda_type_names_classmethod(method):
+    return classmethod(_reporting_cuda_type_names(method.__func__))
+
+
+def _constant(value):
+    return lambda original: value
+
+
+SHIMS: list[Shim] = [
+    Shim(
+        name="current_device_is_cpu",
+        answers=(
+            "torch.cuda.current_device() used as a tensor device: "
+            "models/common/embeddings/rotary_pos_embedding.py RotaryEmbedding.get_emb, "
+            "utils.py GlobalMemoryBuffer.get_tensor, tensor_parallel/layers.py and mappings.py "
+            "buffers, distributed/param_and_grad_buffer.py, optimizer/distrib_optimizer.py"
+        ),
+        targets=[("torch.cuda", "current_device", _constant(lambda: _CPU))],
+    ),
+    Shim(
+        name="cuda_sync_is_noop",
+        answers=(
+            "torch.cuda.synchronize() in pipeline_parallel/p2p_communication.py "
+            "(_communicate, after batched isend/irecv) and dist_checkpointing strategies"
+        ),
+        targets=[("torch.cuda", "synchronize", _constant(lambda device=None: None))],
+    ),
+    Shim(
+        name="cuda_streams_are_null",
+        answers=(
+            "torch.cuda.current_stream()/Stream/stream() in distributed/param_and_grad_buffer.py "
+            "(start_grad_sync, finish_grad_sync) and distributed_data_parallel.py"
+        ),
+        targets=[
+            ("torch.cuda", "current_stream", _constant(lambda device=None: _NullStream())),
+            ("torch.cuda", "Stream", _constant(_NullStream)),
+            ("torch.cuda", "stream", _constant(lambda stream=None: contextlib.nullcontext())),
+        ],
+    ),
+    Shim(
+        name="cpu_rng_tracker",
+        answers=(
+            "tensor_parallel/random.py CudaRNGStatesTracker.add/fork (torch.cuda.get_rng_state, "
+            "torch.cuda.default_generators) used by model_parallel_cuda_manual_seed and "
+            "every get_cuda_rng_tracker().fork()"
+        ),
+        targets=[
+            ("megatron.core.tensor_parallel.random", "CudaRNGStatesTracker", _cpu_rng_tracker_class)
+        ],
+    ),
+]
+
+
+SHIMS.append(
+    Shim(
+        name="cpu_causal_mask",
+        answers=(
+            'transformer/utils.py get_default_causal_mask builds its mask with device="cuda"; '
+            "fusions/fused_softmax.py FusedScaleMaskSoftmax.forward_torch_softmax imports it by name"
+        ),
+        targets=[
+            ("megatron.core.transformer.utils", "get_default_causal_mask", _constant(_cpu_causal_mask)),
+            ("megatron.core.fusions.fused_softmax", "get_default_causal_mask", _constant(_cpu_causal_mask)),
+        ],
+    )
+)
+
+
+SHIMS.append(
+    Shim(
+        name="cuda_literal_devices",
+        answers=(
+            'literal device="cuda" tensor factories: optimizer/optimizer.py (FP32Optimizer._scale, '
+            "MixedPrecisionOptimizer found_inf, _get_model_parallel_group flag), "
+            "optimizer/clip_grads.py (get_grad_norm_fp32, clip_grad_by_total_norm_fp32, "
+            "count_zeros_fp32), pipeline_parallel/schedules.py (total_num_tokens), "
+            "dist_checkpointing/strategies/state_dict_saver.py, utils.py (l2 norms)"
+        ),
+        targets=[
+            (module, "torch", _constant(_TorchOnCpu()))
+            for module in (
+                "megatron.core.optimizer.optimizer",
+                "megatron.core.optimizer.clip_grads",
+                "megatron.core.pipeline_parallel.schedules",
+                "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+                "megatron.core.utils",
+            )
+        ],
+    )
+)
+SHIMS.append(
+    Shim(
+        name="cuda_type_name_checks",
+        answers=(
+            "param.type() == 'torch.cuda.FloatTensor' checks: optimizer/clip_grads.py "
+            "clip_grad_by_total_norm_fp32 (an assert; optimizer/optimizer.py imports it by name) "
+            "and optimizer/distrib_optimizer.py DistributedOptimizer."
+            "_build_model_and_main_param_groups (raises TypeError for CPU params)"
+        ),
+        targets=[
+            ("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32",
+             _reporting_cuda_type_names),
+            ("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32",
+             _reporting_cuda_type_names),
+            ("megatron.core.optimizer.distrib_optimizer:DistributedOptimizer",
+             "_build_model_and_main_param_groups", _reporting_cuda_type_names_classmethod),
+        ],
+    )
+)
+
+
+def _shims_by_name(names) -> list[Shim]:
+    known = {shim.name: shim for shim in SHIMS}
+    unknown = set(names) - set(known)
+    if unknown:
+        raise ValueError(f"unknown CPU compat shims {sorted(unknown)}; known: {sorted(known)}")
+    return [known[n] for n in names]
+
+
+def apply_cpu_compat(skip: tuple[str, ...] = (), force: bool = False) -> list[str]:
+    """Apply every shim (except ``skip``) when CUDA is unavailable. Returns the applied names.
+
+    ``force`` applies them even with CUDA present (tests only).
+    """
+    if torch.cuda.is_available() and not force:
+        return []
+    _shims_by_name(skip)  # validate names
+    applied = []
+    for shim in SHIMS:
+        if shim.name in skip:
+            continue
+        shim.apply()
+        applied.append(shim.name)
+    return applied
+
+
+def remove_cpu_compat(names: tuple[str, ...] | None = None) -> None:
+    """Undo shims (all of them by default)."""
+    for shim in _shims_by_name(names) if names is not None else SHIMS:
+        shim.remove()
+
+
+@contextlib.contextmanager
+def without_shim(name: str):
+    """Temporarily remove one shim (tests use it to show the shim is needed)."""
+    (shim,) = _shims_by_name([name])
+    was_applied = shim.applied
+    shim.remove()
+    try:
+        yield
+    finally:
+        if was_applied:
+            shim.apply()

@@ -1,0 +1,1 @@
+"""Test utilities shipped with the package so tests and tools share them."""

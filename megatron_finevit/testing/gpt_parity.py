@@ -1,0 +1,298 @@
+"""Proof that megatron-core trains correctly here: a tiny Qwen3-like GPT (local spec, RMSNorm,
+SwiGLU, GQA, qk-layernorm, RoPE) run at TP / TP+SP / PP / DP+distributed optimizer must give the
+loss, gradients and updated weights of a single-rank run.
+
+The single-rank oracle runs in its own 1-rank world (``reference_run``): it saves its initial
+weights with megatron ``dist_checkpointing`` and returns its loss, gradients and post-step weights.
+Every parallel configuration then loads those weights (megatron reshards them for TP and PP) and is
+compared, shard by shard, against the matching slice of the oracle (``parallel_run``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from functools import partial
+
+import torch
+
+SEED = 1234
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    tp: int = 1
+    pp: int = 1
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = False
+    global_microbatches: int = 8  # split across DP ranks; >= 4 per rank for 1F1B at PP=2
+    micro_batch_size: int = 2
+    seq_length: int = 16
+    vocab_size: int = 128
+    num_layers: int = 4
+
+
+def tiny_qwen3_config(run: RunConfig):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig(
+        num_layers=run.num_layers,
+        hidden_size=64,
+        ffn_hidden_size=96,
+        num_attention_heads=4,
+        num_query_groups=2,
+        kv_channels=16,
+        normalization="RMSNorm",
+        layernorm_epsilon=1e-6,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        qk_layernorm=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=run.tp,
+        pipeline_model_parallel_size=run.pp,
+        sequence_parallel=run.sequence_parallel,
+        use_cpu_initialization=True,
+        params_dtype=torch.float32,
+        pipeline_dtype=torch.float32,
+        bf16=False,
+        fp16=False,
+        gradient_accumulation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+    )
+
+
+def build_gpt(run: RunConfig):
+    """The tiny GPT for this rank's pipeline stage, wrapped in megatron DDP."""
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    from megatron_finevit.models.norms import TorchNorm
+
+    config = tiny_qwen3_config(run)
+    layer = get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
+    # Sequence-parallel capable norms (megatron's torch fallback refuses SP; see models/norms.py).
+    layer.submodules.input_layernorm = TorchNorm
+    layer.submodules.pre_mlp_layernorm = TorchNorm
+    layer.submodules.self_attention.submodules.q_layernorm = TorchNorm
+    layer.submodules.self_attention.submodules.k_layernorm = TorchNorm
+    spec = TransformerBlockSubmodules(  # this pipeline stage's layers only
+        layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=TorchNorm)
+    model = GPTModel(
+        config,
+        spec,
+        vocab_size=run.vocab_size,
+        max_sequence_length=run.seq_length,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",
+        rotary_base=1_000_000,
+    )
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=run.distributed_optimizer)
+    return DistributedDataParallel(config, ddp_config, model)
+
+
+def global_batch(run: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and next-token labels, each [global_microbatches * micro_batch_size, seq]."""
+    g = torch.Generator().manual_seed(SEED)
+    n = run.global_microbatches * run.micro_batch_size
+    tokens = torch.randint(0, run.vocab_size, (n, run.seq_length + 1), generator=g)
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+def _microbatches(run: RunConfig, dp_rank: int, dp_size: int):
+    """This DP rank's contiguous slice of the global batch, as micro-batches."""
+    tokens, labels = global_batch(run)
+    per_rank = tokens.shape[0] // dp_size
+    lo = dp_rank * per_rank
+    for i in range(lo, lo + per_rank, run.micro_batch_size):
+        yield tokens[i:i + run.micro_batch_size], labels[i:i + run.micro_batch_size]
+
+
+def _forward_step(data_iterator, model):
+    tokens, labels = next(data_iterator)
+    position_ids = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    output = model(tokens, position_ids, None, labels=labels)
+
+    def loss_func(output_tensor):
+        loss = output_tensor.float().mean()
+        # clone: megatron divides the returned loss by num_microbatches in place
+        return loss, {"lm loss": loss.detach().clone()}
+
+    return output, loss_func
+
+
+def train_one_step(run: RunConfig, model, dp_rank: int, dp_size: int):
+    """Forward/backward over this rank's micro-batches with megatron's schedule (1F1B when PP > 1),
+    then one Adam step through megatron's optimizer (grad clip 1.0). ``adam_eps=1`` makes the first
+    step ``g / (|g| + 1)``: smooth in the gradient, so parity errors are not amplified by Adam's
+    usual sign-like first update.
+
+    Returns (mean loss on the last stage else None, grad norm, {name: main_grad}).
+    """
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    config = model.config
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = model.no_sync
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=1.0, weight_decay=0.0, clip_grad=1.0, adam_eps=1.0,
+                        use_distributed_optimizer=run.distributed_optimizer, bf16=False, fp16=False),
+        [model],
+    )
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    losses = get_forward_backward_func()(
+        forward_step_func=_forward_step,
+        data_iterator=_microbatches(run, dp_rank, dp_size),
+        model=[model],
+        num_microbatches=run.global_microbatches // dp_size,
+        seq_length=run.seq_length,
+        micro_batch_size=run.micro_batch_size,
+        forward_only=False,
+    )
+    grads = {name: p.main_grad.detach().clone() for name, p in model.module.named_parameters()}
+    update_ok, grad_norm, _ = optimizer.step()
+    assert update_ok, "optimizer step was skipped"
+    loss = torch.stack([x["lm loss"] for x in losses]).mean().item() if losses else None
+    return loss, grad_norm, grads
+
+
+# --- the two worlds ----------------------------------------------------------------------------
+
+
+def _global_name(model, name: str) -> str:
+    """Local parameter name -> the single-rank model's name (pipeline stages number their layers
+    from 0; ``layer_number`` is the global, 1-based index)."""
+    parts = name.split(".")
+    if parts[:2] == ["decoder", "layers"]:
+        parts[2] = str(model.decoder.layers[int(parts[2])].layer_number - 1)
+    return ".".join(parts)
+
+
+def oracle_shard(full: torch.Tensor, param: torch.Tensor, name: str, tp: int, tp_rank: int) -> torch.Tensor:
+    """The slice of a single-rank tensor that this TP rank's ``param`` holds."""
+    if not getattr(param, "tensor_model_parallel", False) or tp == 1:
+        return full
+    dim = param.partition_dim
+    if name.endswith("mlp.linear_fc1.weight"):
+        # Gated MLP: each rank holds [gate shard; up shard] (megatron's swiglu layout).
+        gate, up = full.chunk(2, dim=0)
+        return torch.cat([gate.chunk(tp, dim=0)[tp_rank], up.chunk(tp, dim=0)[tp_rank]], dim=0)
+    return full.chunk(tp, dim=dim)[tp_rank]
+
+
+def _setup(run: RunConfig):
+    from megatron_finevit.platform import ParallelConfig, init_parallel, set_seed
+
+    init_parallel(ParallelConfig(tensor_parallel=run.tp, pipeline_parallel=run.pp,
+                                 sequence_parallel=run.sequence_parallel),
+                  num_attention_heads=4, num_query_groups=2, num_layers=run.num_layers)
+    set_seed(SEED)
+
+
+def reference_run(rank: int, world_size: int, ckpt_dir: str) -> dict:
+    """The single-rank oracle: saves its initial weights to ``ckpt_dir`` and returns loss, grad
+    norm, gradients and post-step weights, all keyed by parameter name."""
+    from megatron.core import dist_checkpointing
+
+    assert world_size == 1
+    run = RunConfig()
+    _setup(run)
+    model = build_gpt(run)
+    os.makedirs(ckpt_dir, exist_ok=True)
+    dist_checkpointing.save(model.module.sharded_state_dict(), ckpt_dir)
+    loss, grad_norm, grads = train_one_step(run, model, 0, 1)
+    weights = {n: p.detach().clone() for n, p in model.module.named_parameters()}
+    return {"loss": loss, "grad_norm": grad_norm, "grads": grads, "weights": weights}
+
+
+def parallel_run(rank: int, world_size: int, ckpt_dir: str, oracle: dict, runs: list[dict],
+                 tp2_ckpt_dir: str) -> dict:
+    """Every configuration in ``runs`` (RunConfig kwargs) against the oracle; then a TP=2
+    dist_checkpointing save loaded at TP=1. Returns max abs differences per configuration."""
+    from megatron.core import dist_checkpointing, parallel_state
+
+    report = {}
+    for kwargs in runs:
+        run = replace(RunConfig(), **kwargs)
+        _setup(run)
+        model = build_gpt(run)
+        model.module.load_state_dict(
+            dist_checkpointing.load(model.module.sharded_state_dict(), ckpt_dir))
+        tp, tp_rank = run.tp, parallel_state.get_tensor_model_parallel_rank()
+        dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+        loss, grad_norm, grads = train_one_step(run, model, dp_rank, dp)
+        diffs = {"grad_norm": abs(grad_norm - oracle["grad_norm"]), "grad": 0.0, "weight": 0.0,
+                 "num_params": 0}
+        if loss is not None:  # last pipeline stage: the global-batch loss is the DP average
+            loss_t = torch.tensor([loss], dtype=torch.float64)
+            torch.distributed.all_reduce(loss_t, group=parallel_state.get_data_parallel_group())
+            diffs["loss"] = abs(loss_t.item() / dp - oracle["loss"])
+        for name, param in model.module.named_parameters():
+            gname = _global_name(model.module, name)
+            diffs["num_params"] += 1
+            w_ref = oracle_shard(oracle["weights"][gname], param, gname, tp, tp_rank)
+            diffs["weight"] = max(diffs["weight"], (param.detach() - w_ref).abs().max().item())
+            if not run.distributed_optimizer:  # with it, main_grad holds only this rank's shard
+                g_ref = oracle_shard(oracle["grads"][gname], param, gname, tp, tp_rank)
+                diffs["grad"] = max(diffs["grad"], (grads[name] - g_ref).abs().max().item())
+        report[_label(run)] = diffs
+
+    report["checkpoint_tp2_to_tp1"] = _checkpoint_reshard(tp2_ckpt_dir)
+    return report
+
+
+def _label(run: RunConfig) -> str:
+    parts = [f"tp{run.tp}", f"pp{run.pp}"]
+    if run.sequence_parallel:
+        parts.append("sp")
+    if run.distributed_optimizer:
+        parts.append("distopt")
+    return "_".join(parts)
+
+
+@torch.no_grad()
+def _logits(model, run: RunConfig) -> torch.Tensor:
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    tokens, _ = global_batch(run)
+    position_ids = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    model.eval()
+    logits = model(tokens, position_ids, None)  # [b, s, vocab / tp]
+    return gather_from_tensor_model_parallel_region(logits)
+
+
+def _checkpoint_reshard(ckpt_dir: str) -> dict:
+    """Train a TP=2 model one step, save it, load it into a TP=1 model: same logits."""
+    from megatron.core import dist_checkpointing, parallel_state
+
+    run = replace(RunConfig(), tp=2)
+    _setup(run)
+    model = build_gpt(run)
+    train_one_step(run, model, 0, 1)  # move weights away from their initial values
+    before = _logits(model.module, run)
+    os.makedirs(ckpt_dir, exist_ok=True)
+    dist_checkpointing.save(model.module.sharded_state_dict(), ckpt_dir)
+    run1 = RunConfig()
+    _setup(run1)
+    model1 = build_gpt(run1)
+    model1.module.load_state_dict(dist_checkpointing.load(model1.module.sharded_state_dict(), ckpt_dir))
+    after = _logits(model1.module, run1)
+    return {"logits": (before - after).abs().max().item(),
+            "dp_size_at_load": parallel_state.get_data_parallel_world_size()}

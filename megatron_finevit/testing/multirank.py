@@ -1,0 +1,127 @@
+"""Run a function on N gloo ranks in spawned processes (the multi-rank test harness).
+
+    results = run_world(check_fn, world_size=2, args=(cfg,), timeout_s=300)
+
+``check_fn(rank, world_size, *args)`` runs on every rank after torch.distributed (gloo) is up and
+the megatron-core CPU layer is applied; its return values come back as a list indexed by rank
+(they cross the process boundary through ``torch.save`` / ``torch.load(weights_only=True)``, so
+return plain Python values and CPU tensors).
+
+- An exception on any rank fails the call with that rank's traceback in the message.
+- A hung collective fails by ``timeout_s`` instead of hanging CI: every rank is killed.
+- One world can run many checks: put them in one function and return a dict of results, so the
+  ~7 s megatron import is paid once per world rather than once per check.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import traceback
+from datetime import timedelta
+from typing import Any, Callable
+
+import torch
+import torch.multiprocessing as mp
+
+
+class RankFailure(RuntimeError):
+    """A rank of a spawned world raised; the message holds its traceback."""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rank_main(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue) -> None:
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+        # One BLAS thread per rank: ranks share the machine's cores.
+        OMP_NUM_THREADS=os.environ.get("MULTIRANK_THREADS", "1"),
+    )
+    try:
+        import torch
+        import torch.distributed as dist
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        from megatron_finevit.platform.megatron_cpu_compat import apply_cpu_compat
+
+        apply_cpu_compat()
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world_size, timeout=timedelta(minutes=5))
+        try:
+            result = fn(rank, world_size, *args)
+        finally:
+            from megatron.core import parallel_state
+
+            if parallel_state.model_parallel_is_initialized():
+                parallel_state.destroy_model_parallel()
+            dist.destroy_process_group()
+        buffer = io.BytesIO()
+        torch.save(result, buffer)  # read back with weights_only=True: plain data and tensors only
+        queue.put((rank, "ok", buffer.getvalue()))
+    except BaseException:  # noqa: BLE001 - report anything, including SystemExit
+        queue.put((rank, "error", traceback.format_exc()))
+
+
+def run_world(fn: Callable[..., Any], world_size: int, args: tuple = (), timeout_s: float = 300.0) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned gloo ranks; see module doc."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, fn, args, queue), daemon=False)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    errors: dict[int, str] = {}
+    import queue as queue_lib
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(results) + len(errors) < world_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                if errors:
+                    break
+                missing = sorted(set(range(world_size)) - set(results) - set(errors))
+                raise TimeoutError(
+                    f"ranks {missing} of a {world_size}-rank world did not finish within "
+                    f"{timeout_s:.0f} s (a hung collective?)" + _format_errors(errors))
+            try:
+                rank, status, payload = queue.get(timeout=min(remaining, 1.0))
+            except queue_lib.Empty:
+                dead = [r for r, p in enumerate(procs)
+                        if not p.is_alive() and p.exitcode not in (0, None)
+                        and r not in results and r not in errors]
+                for r in dead:
+                    errors[r] = f"process exited with code {procs[r].exitcode} without reporting"
+                if errors and not any(p.is_alive() for p in procs):
+                    break
+                continue
+            if status == "ok":
+                results[rank] = torch.load(io.BytesIO(payload), weights_only=True)
+            else:
+                errors[rank] = payload
+            if errors:
+                # One rank failed: the others are likely blocked in a collective; give them a
+                # short grace period to report their own error, then stop.
+                deadline = min(deadline, time.monotonic() + 10.0)
+    finally:
+        for p in procs:
+            p.join(timeout=1.0 if (errors or len(results) < world_size) else 30.0)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    if errors:
+        raise RankFailure(f"{len(errors)} of {world_size} ranks failed:" + _format_errors(errors))
+    return [results[r] for r in range(world_size)]
+
+
+def _format_errors(errors: dict[int, str]) -> str:
+    return "".join(f"\n--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
