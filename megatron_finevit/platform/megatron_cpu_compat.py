@@ -42,8 +42,10 @@ class Shim:
     def apply(self) -> None:
         if self.applied:
             return
-        for module_path, attr, make in self.targets:
-            owner = _resolve(module_path)
+        # Import every target module before patching any: a module imported after a patch would
+        # bind the patched object by name and we would record it as the "original".
+        owners = [_resolve(module_path) for module_path, _, _ in self.targets]
+        for (module_path, attr, make), owner in zip(self.targets, owners):
             # Take a class attribute from the class dict so a classmethod stays a classmethod.
             in_class = isinstance(owner, type) and attr in vars(owner)
             original = vars(owner)[attr] if in_class else getattr(owner, attr)

@@ -1,0 +1,60 @@
+"""Each shim of the megatron-core CPU layer is needed (its megatron call fails without it) and
+sufficient (the call passes with it); applying is idempotent and CUDA machines are untouched."""
+
+import pytest
+import torch
+
+from megatron_finevit.platform import megatron_cpu_compat as compat
+from megatron_finevit.testing.compat_probes import PROBES, shim_necessity_world
+from megatron_finevit.testing.multirank import run_world
+
+
+@pytest.fixture(scope="module")
+def report():
+    return run_world(shim_necessity_world, 2)
+
+
+def test_every_shim_has_a_probe():
+    assert set(PROBES) == {shim.name for shim in compat.SHIMS}
+
+
+@pytest.mark.parametrize("name", sorted(PROBES))
+def test_shim_is_needed_and_works(report, name):
+    for rank, per_rank in enumerate(report):
+        entry = per_rank[name]
+        assert entry["without"] is not None, f"rank {rank}: {name}'s probe passed without the shim"
+        assert entry["ok"], f"rank {rank}: {name}'s probe failed with the shim: {entry['with']}"
+
+
+def test_probe_results_are_right(report):
+    rank0 = report[0]
+    # causal softmax over zeros: row i spreads uniformly over keys 0..i
+    assert rank0["cpu_causal_mask"]["with"] == [[1.0, 0.0, 0.0], [0.5, 0.5, 0.0],
+                                                [pytest.approx(1 / 3)] * 3]
+    # clip to norm 1 from total norm 4: grads scaled by ~1/4
+    assert rank0["cuda_type_name_checks"]["with"] == [pytest.approx(0.5, rel=1e-5)] * 4
+    assert report[1]["cuda_sync_is_noop"]["with"] == 16.0  # received ones(2, 1, 8)
+    # the model-parallel RNG stream is reproducible
+    assert rank0["cpu_rng_tracker"]["with"] == report[1]["cpu_rng_tracker"]["with"]
+
+
+def test_apply_is_idempotent_and_reversible():
+    original = torch.cuda.current_device
+    first = compat.apply_cpu_compat(force=True)
+    patched = torch.cuda.current_device
+    second = compat.apply_cpu_compat(force=True)
+    assert first == second == [s.name for s in compat.SHIMS]
+    assert torch.cuda.current_device is patched  # not wrapped twice
+    compat.remove_cpu_compat()
+    assert torch.cuda.current_device is original
+
+
+def test_noop_when_cuda_present(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert compat.apply_cpu_compat() == []
+    assert not any(shim.applied for shim in compat.SHIMS)
+
+
+def test_unknown_shim_name_is_an_error():
+    with pytest.raises(ValueError, match="unknown CPU compat shims"):
+        compat.apply_cpu_compat(skip=("no_such_shim",))
