@@ -135,53 +135,68 @@ def _forward_step(data_iterator, model):
     return output, loss_func
 
 
-def train_one_step(run: RunConfig, model, dp_rank: int, dp_size: int):
-    """Forward/backward over this rank's micro-batches with megatron's schedule (1F1B when PP > 1),
-    then one Adam step through megatron's optimizer (grad clip 1.0). ``adam_eps=1`` makes the first
-    step ``g / (|g| + 1)``: smooth in the gradient, so parity errors are not amplified by Adam's
-    usual sign-like first update.
-
-    Returns (mean loss on the last stage else None, grad norm, {name: main_grad}).
-    """
+def make_optimizer(model, distributed_optimizer: bool, lr: float, adam_eps: float = 1e-8,
+                   clip_grad: float = 1.0):
+    """megatron's Adam (distributed or not) for ``model``, with grad finalisation wired in."""
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    config = model.config
-    config.finalize_model_grads_func = finalize_model_grads
-    config.no_sync_func = model.no_sync
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=1.0, weight_decay=0.0, clip_grad=1.0, adam_eps=1.0,
-                        use_distributed_optimizer=run.distributed_optimizer, bf16=False, fp16=False),
+    model.config.finalize_model_grads_func = finalize_model_grads
+    model.config.no_sync_func = model.no_sync
+    return get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=lr, weight_decay=0.0, clip_grad=clip_grad,
+                        adam_eps=adam_eps, use_distributed_optimizer=distributed_optimizer,
+                        bf16=False, fp16=False),
         [model],
     )
+
+
+def train_step(model, optimizer, data_iterator, num_microbatches: int, seq_length: int,
+               micro_batch_size: int, forward_step_func=None, loss_key: str = "lm loss"):
+    """Forward/backward over ``num_microbatches`` with megatron's schedule (1F1B when PP > 1),
+    then one optimizer step. ``forward_step_func`` defaults to the tiny GPT's; its loss_func must
+    report the loss under ``loss_key``. Returns (mean loss on the last stage else None, grad norm,
+    {name: main_grad} before the step)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
     model.zero_grad_buffer()
     optimizer.zero_grad()
     losses = get_forward_backward_func()(
-        forward_step_func=_forward_step,
-        data_iterator=_microbatches(run, dp_rank, dp_size),
+        forward_step_func=forward_step_func or _forward_step,
+        data_iterator=data_iterator,
         model=[model],
-        num_microbatches=run.global_microbatches // dp_size,
-        seq_length=run.seq_length,
-        micro_batch_size=run.micro_batch_size,
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
         forward_only=False,
     )
     grads = {name: p.main_grad.detach().clone() for name, p in model.module.named_parameters()}
     update_ok, grad_norm, _ = optimizer.step()
     assert update_ok, "optimizer step was skipped"
-    loss = torch.stack([x["lm loss"] for x in losses]).mean().item() if losses else None
+    loss = torch.stack([x[loss_key] for x in losses]).mean().item() if losses else None
     return loss, grad_norm, grads
+
+
+def train_one_step(run: RunConfig, model, dp_rank: int, dp_size: int):
+    """The parity step: this rank's share of the global batch, one Adam step (grad clip 1.0).
+    ``adam_eps=1`` makes the first step ``g / (|g| + 1)``: smooth in the gradient, so parity
+    errors are not amplified by Adam's usual sign-like first update."""
+    optimizer = make_optimizer(model, run.distributed_optimizer, lr=1.0, adam_eps=1.0)
+    return train_step(model, optimizer, _microbatches(run, dp_rank, dp_size),
+                      run.global_microbatches // dp_size, run.seq_length, run.micro_batch_size)
 
 
 # --- the two worlds ----------------------------------------------------------------------------
 
 
-def _global_name(model, name: str) -> str:
+def global_name(model, name: str) -> str:
     """Local parameter name -> the single-rank model's name (pipeline stages number their layers
-    from 0; ``layer_number`` is the global, 1-based index)."""
+    from 0; ``layer_number`` is the global, 1-based index). Any ``...decoder.layers.N`` block."""
     parts = name.split(".")
-    if parts[:2] == ["decoder", "layers"]:
-        parts[2] = str(model.decoder.layers[int(parts[2])].layer_number - 1)
+    for i in range(1, len(parts) - 1):
+        if parts[i - 1:i + 1] == ["decoder", "layers"]:
+            layer = model.get_submodule(".".join(parts[:i + 2]))
+            parts[i + 1] = str(layer.layer_number - 1)
     return ".".join(parts)
 
 
@@ -245,7 +260,7 @@ def parallel_run(rank: int, world_size: int, ckpt_dir: str, oracle: dict, runs: 
             torch.distributed.all_reduce(loss_t, group=parallel_state.get_data_parallel_group())
             diffs["loss"] = abs(loss_t.item() / dp - oracle["loss"])
         for name, param in model.module.named_parameters():
-            gname = _global_name(model.module, name)
+            gname = global_name(model.module, name)
             diffs["num_params"] += 1
             w_ref = oracle_shard(oracle["weights"][gname], param, gname, tp, tp_rank)
             diffs["weight"] = max(diffs["weight"], (param.detach() - w_ref).abs().max().item())
