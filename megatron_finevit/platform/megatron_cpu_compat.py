@@ -193,6 +193,39 @@ def _reporting_cuda_type_names_classmethod(method):
     return classmethod(_reporting_cuda_type_names(method.__func__))
 
 
+class _MissingIsNone(dict):
+    def __missing__(self, key):
+        return None
+
+
+def _tolerating_missing_state(fn):
+    """Wrap ``DistributedOptimizer._set_main_param_and_optimizer_states`` so a state key absent
+    from the loaded tensors (torch Adam's per-parameter ``step``) is skipped, as the caller meant."""
+
+    def wrapper(self, model_param, tensors):
+        return fn(self, model_param, _MissingIsNone(tensors))
+
+    wrapper.__wrapped__ = fn
+    return wrapper
+
+
+def _unaliasing_adam_steps(fn):
+    """Wrap ``DistributedOptimizer.load_state_dict`` so every parameter gets its own ``step``
+    tensor: megatron assigns one shared tensor to all of them, and torch Adam increments
+    ``state['step']`` in place once per parameter, so a resumed run's bias correction would
+    advance by the number of parameters per step."""
+
+    def wrapper(self, state_dict):
+        result = fn(self, state_dict)
+        for state in self.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+        return result
+
+    wrapper.__wrapped__ = fn
+    return wrapper
+
+
 def _constant(value):
     return lambda original: value
 
@@ -295,6 +328,27 @@ SHIMS.append(
              _reporting_cuda_type_names),
             ("megatron.core.optimizer.distrib_optimizer:DistributedOptimizer",
              "_build_model_and_main_param_groups", _reporting_cuda_type_names_classmethod),
+        ],
+    )
+)
+
+
+SHIMS.append(
+    Shim(
+        name="torch_adam_step_on_load",
+        answers=(
+            "optimizer/distrib_optimizer.py, loading with torch Adam (no Apex/TransformerEngine, "
+            "so always on CPU): load_parameter_state_from_fully_reshardable skips 'step' when "
+            "collecting the loaded tensors, then _set_main_param_and_optimizer_states indexes "
+            "every tensor of the live state, 'step' included (KeyError); and load_state_dict "
+            "('Extract step, for non-Apex/TE support') gives all parameters one shared step "
+            "tensor, which torch Adam then increments once per parameter"
+        ),
+        targets=[
+            ("megatron.core.optimizer.distrib_optimizer:DistributedOptimizer",
+             "_set_main_param_and_optimizer_states", _tolerating_missing_state),
+            ("megatron.core.optimizer.distrib_optimizer:DistributedOptimizer",
+             "load_state_dict", _unaliasing_adam_steps),
         ],
     )
 )

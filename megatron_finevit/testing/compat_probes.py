@@ -17,15 +17,21 @@ def _tiny_config(**overrides):
     return TransformerConfig(**kwargs)
 
 
-def _ddp_linear():
-    """A megatron-DDP-wrapped column-parallel linear with a gradient in its buffer."""
+def _ddp_linear(distributed_optimizer: bool = False):
+    """A megatron-DDP-wrapped pair of column-parallel linears with gradients in their buffer."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.tensor_parallel import ColumnParallelLinear
 
     config = _tiny_config()
-    layer = ColumnParallelLinear(8, 8, config=config, init_method=torch.nn.init.normal_,
-                                 bias=False, gather_output=True)
-    model = DistributedDataParallel(config, DistributedDataParallelConfig(), layer)
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential()  # two parameters, so a shared 'step' tensor would show
+    layer.a = ColumnParallelLinear(8, 8, config=config, init_method=torch.nn.init.normal_,
+                                   bias=False, gather_output=True)
+    layer.b = ColumnParallelLinear(8, 8, config=config, init_method=torch.nn.init.normal_,
+                                   bias=False, gather_output=True)
+    layer.forward = lambda x: (layer.b(layer.a(x)[0])[0], None)
+    model = DistributedDataParallel(
+        config, DistributedDataParallelConfig(use_distributed_optimizer=distributed_optimizer), layer)
     out, _ = model(torch.ones(2, 8))
     out.sum().backward()
     return model
@@ -51,7 +57,7 @@ def probe_cuda_sync_is_noop():
 def probe_cuda_streams_are_null():
     model = _ddp_linear()
     model.finish_grad_sync()  # start_grad_sync asks torch.cuda.current_stream()
-    return model.module.weight.main_grad.abs().sum().item()
+    return model.module.a.weight.main_grad.abs().sum().item()
 
 
 def probe_cpu_rng_tracker():
@@ -94,6 +100,57 @@ def probe_cuda_type_name_checks():
     return param.grad.tolist()
 
 
+def probe_torch_adam_step_on_load():
+    """Save a distributed torch-Adam state after one step, load it into a fresh optimizer, step
+    again: every parameter must be at step 2 (a shared tensor would be at 1 + #params)."""
+    import tempfile
+
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from megatron_finevit.training.checkpointing import _materialise_optimizer_state
+
+    def build():
+        model = _ddp_linear(distributed_optimizer=True)
+        opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3,
+                                                     use_distributed_optimizer=True), [model])
+        return model, opt
+
+    metadata = {"distrib_optim_sharding_type": "fully_reshardable",
+                "distrib_optim_fully_reshardable_mem_efficient": True}
+    model, opt = build()
+    opt.step()
+    names = [None]
+    if dist.get_rank() == 0:
+        names[0] = tempfile.mkdtemp(prefix="compat_probe_")
+    dist.broadcast_object_list(names)
+    from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+    def sharded(m):  # replicated (TP=1) sharded tensors for the two weights
+        return make_sharded_tensors_for_checkpoint(m.module.state_dict(keep_vars=True), "")
+
+    model_sd = sharded(model)
+    dist_checkpointing.save({"model": model_sd, "optimizer": opt.sharded_state_dict(
+        model_sd, metadata=metadata)}, names[0])
+    model2, opt2 = build()
+    _materialise_optimizer_state(opt2)
+    model_sd2 = sharded(model2)
+    loaded = dist_checkpointing.load({"optimizer": opt2.sharded_state_dict(
+        model_sd2, is_loading=True, metadata=metadata)}, names[0])
+    opt2.load_state_dict(loaded["optimizer"])
+    _ddp_backward(model2)
+    opt2.step()
+    inner = opt2.chained_optimizers[0].optimizer
+    return sorted({float(state["step"]) for state in inner.state.values()})
+
+
+def _ddp_backward(model):
+    out, _ = model(torch.ones(2, 8))
+    out.sum().backward()
+    model.finish_grad_sync()
+
+
 PROBES = {
     "current_device_is_cpu": probe_current_device_is_cpu,
     "cuda_sync_is_noop": probe_cuda_sync_is_noop,
@@ -102,6 +159,7 @@ PROBES = {
     "cpu_causal_mask": probe_cpu_causal_mask,
     "cuda_literal_devices": probe_cuda_literal_devices,
     "cuda_type_name_checks": probe_cuda_type_name_checks,
+    "torch_adam_step_on_load": probe_torch_adam_step_on_load,
 }
 
 

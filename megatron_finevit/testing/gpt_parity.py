@@ -32,77 +32,41 @@ class RunConfig:
     num_layers: int = 4
 
 
-def tiny_qwen3_config(run: RunConfig):
-    from megatron.core.transformer.transformer_config import TransformerConfig
+def tiny_qwen3(run: RunConfig):
+    """The tiny Qwen3-shaped model (GQA 4:2, qk RMSNorm, SwiGLU, RoPE θ = 1e6, untied)."""
+    from megatron_finevit.config.llm import Qwen3Config
 
-    return TransformerConfig(
-        num_layers=run.num_layers,
-        hidden_size=64,
-        ffn_hidden_size=96,
-        num_attention_heads=4,
-        num_query_groups=2,
-        kv_channels=16,
-        normalization="RMSNorm",
-        layernorm_epsilon=1e-6,
-        gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu,
-        add_bias_linear=False,
-        qk_layernorm=True,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        tensor_model_parallel_size=run.tp,
-        pipeline_model_parallel_size=run.pp,
-        sequence_parallel=run.sequence_parallel,
-        use_cpu_initialization=True,
-        params_dtype=torch.float32,
-        pipeline_dtype=torch.float32,
-        bf16=False,
-        fp16=False,
-        gradient_accumulation_fusion=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-    )
+    return Qwen3Config(num_layers=run.num_layers, hidden_size=64, ffn_hidden_size=96,
+                       num_attention_heads=4, num_query_groups=2, head_dim=16,
+                       vocab_size=run.vocab_size, max_position_embeddings=run.seq_length,
+                       tie_embeddings=False)
+
+
+def tiny_qwen3_config(run: RunConfig):
+    """megatron ``TransformerConfig`` of ``tiny_qwen3`` at ``run``'s TP / PP / SP (fp32)."""
+    return tiny_qwen3(run).to_transformer_config(run.tp, run.pp,
+                                                 sequence_parallel=run.sequence_parallel)
+
+
+def build_gpt_module(run: RunConfig, pre_process: bool, post_process: bool):
+    """The tiny GPT (this pipeline stage's part), built by the project's Qwen3 factory (local
+    spec: sequence-parallel capable norms and our packed core attention)."""
+    from megatron_finevit.models.llm import build_qwen3
+
+    return build_qwen3(tiny_qwen3(run), tiny_qwen3_config(run), pre_process=pre_process,
+                       post_process=post_process)
 
 
 def build_gpt(run: RunConfig):
     """The tiny GPT for this rank's pipeline stage, wrapped in megatron DDP."""
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.models.gpt.gpt_model import GPTModel
 
-    from megatron.core.transformer.transformer_block import (
-        TransformerBlockSubmodules,
-        get_num_layers_to_build,
-    )
-
-    from megatron_finevit.models.norms import TorchNorm
-
-    config = tiny_qwen3_config(run)
-    layer = get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
-    # Sequence-parallel capable norms (megatron's torch fallback refuses SP; see models/norms.py).
-    layer.submodules.input_layernorm = TorchNorm
-    layer.submodules.pre_mlp_layernorm = TorchNorm
-    layer.submodules.self_attention.submodules.q_layernorm = TorchNorm
-    layer.submodules.self_attention.submodules.k_layernorm = TorchNorm
-    spec = TransformerBlockSubmodules(  # this pipeline stage's layers only
-        layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=TorchNorm)
-    model = GPTModel(
-        config,
-        spec,
-        vocab_size=run.vocab_size,
-        max_sequence_length=run.seq_length,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-        share_embeddings_and_output_weights=False,
-        position_embedding_type="rope",
-        rotary_base=1_000_000,
-    )
+    model = build_gpt_module(run, parallel_state.is_pipeline_first_stage(),
+                             parallel_state.is_pipeline_last_stage())
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=run.distributed_optimizer)
-    return DistributedDataParallel(config, ddp_config, model)
+    return DistributedDataParallel(model.config, ddp_config, model)
 
 
 def global_batch(run: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:

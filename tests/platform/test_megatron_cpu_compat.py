@@ -34,6 +34,8 @@ def test_probe_results_are_right(report):
     # clip to norm 1 from total norm 4: grads scaled by ~1/4
     assert rank0["cuda_type_name_checks"]["with"] == [pytest.approx(0.5, rel=1e-5)] * 4
     assert report[1]["cuda_sync_is_noop"]["with"] == 16.0  # received ones(2, 1, 8)
+    # a resumed torch Adam: every parameter at step 2, none aliased
+    assert rank0["torch_adam_step_on_load"]["with"] == [2.0]
     # the model-parallel RNG stream is reproducible
     assert rank0["cpu_rng_tracker"]["with"] == report[1]["cpu_rng_tracker"]["with"]
 

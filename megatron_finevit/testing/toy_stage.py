@@ -1,0 +1,132 @@
+"""A tiny language-model stage for testing the training loop itself (checkpoints, exact resume,
+resharding, signals, non-finite-loss skipping) without the cost of the real stages.
+
+The model is the tiny Qwen3-like GPT of ``testing/gpt_parity``; the data is a learnable token
+sequence (t[i+1] = 5·t[i] + 3 mod vocab) drawn from a per-DP-rank generator whose state is the
+data loader's resumable position.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass, field
+
+import torch
+
+from megatron_finevit.config.loader import from_dict
+from megatron_finevit.config.train import TrainConfig
+from megatron_finevit.testing.gpt_parity import RunConfig, build_gpt_module, tiny_qwen3_config
+
+
+def learnable_batch(seq_length: int, batch: int, vocab: int, generator: torch.Generator):
+    """[batch, seq] tokens and next-token labels of the sequence t[i+1] = (5 t[i] + 3) mod vocab."""
+    start = torch.randint(0, vocab, (batch, 1), generator=generator)
+    seq = [start]
+    for _ in range(seq_length):
+        seq.append((seq[-1] * 5 + 3) % vocab)
+    tokens = torch.cat(seq, dim=1)
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+@dataclass
+class ToyLMConfig:
+    num_layers: int = 2
+    seq_length: int = 16
+    micro_batch_size: int = 2
+    vocab_size: int = 128
+    nan_loss_steps: list[int] = field(default_factory=list)  # inject a NaN loss at these steps
+    signal_at_step: int | None = None  # rank 0 sends itself SIGUSR1 before this step (pre-emption)
+
+
+class ToyBatches:
+    """Resumable stream of micro-batches for one DP rank."""
+
+    def __init__(self, cfg: ToyLMConfig, seed: int, dp_rank: int):
+        self.cfg = cfg
+        self.generator = torch.Generator().manual_seed(seed * 1000 + dp_rank)
+        self.position = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.position += 1
+        tokens, labels = learnable_batch(self.cfg.seq_length, self.cfg.micro_batch_size,
+                                         self.cfg.vocab_size, self.generator)
+        return {"tokens": tokens, "labels": labels}
+
+    def state_dict(self) -> dict:
+        return {"position": self.position, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = state["position"]
+        self.generator.set_state(state["generator"])
+
+
+class ToyLMStage:
+    name = "toy_lm"
+
+    def __init__(self, run: TrainConfig):
+        self.run = run
+        self.cfg = from_dict(ToyLMConfig, run.stage_config, "stage_config.")
+        p = run.parallel
+        self.gpt = RunConfig(tp=p.tensor_parallel, pp=p.pipeline_parallel,
+                             sequence_parallel=p.sequence_parallel,
+                             distributed_optimizer=p.distributed_optimizer,
+                             micro_batch_size=self.cfg.micro_batch_size,
+                             seq_length=self.cfg.seq_length, vocab_size=self.cfg.vocab_size,
+                             num_layers=self.cfg.num_layers)
+        self.step = 0
+
+    def model_dims(self) -> dict[str, int]:
+        return {"num_attention_heads": 4, "num_query_groups": 2, "num_layers": self.cfg.num_layers}
+
+    def transformer_config(self):
+        return tiny_qwen3_config(self.gpt)
+
+    def build_model(self, pre_process: bool, post_process: bool):
+        return build_gpt_module(self.gpt, pre_process, post_process)
+
+    def build_data(self, dp_rank: int, dp_size: int) -> ToyBatches:
+        return ToyBatches(self.cfg, self.run.seed, dp_rank)
+
+    def sequence_shape(self) -> tuple[int, int]:
+        return self.cfg.seq_length, self.cfg.micro_batch_size
+
+    def forward_step(self, batch, model):
+        tokens = batch["tokens"]
+        position_ids = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+        output = model(tokens, position_ids, None, labels=batch["labels"])
+        poison = self.step in self.cfg.nan_loss_steps
+
+        def loss_fn(output_tensor):
+            loss = output_tensor.float().mean()
+            if poison:
+                loss = loss * float("nan")
+            return loss, {"loss": loss.detach().clone()}
+
+        return output, loss_fn
+
+    def work(self, batch) -> tuple[float, float, float]:
+        """Samples, tokens and forward+backward FLOPs (6 x parameters per token, plus the
+        attention score and value matmuls)."""
+        b, s = batch["tokens"].shape
+        c = tiny_qwen3_config(self.gpt)
+        kv = c.num_query_groups * c.kv_channels
+        per_layer = c.hidden_size * (c.hidden_size + 2 * kv) + c.hidden_size ** 2 \
+            + 3 * c.hidden_size * c.ffn_hidden_size
+        params = c.num_layers * per_layer + 2 * self.cfg.vocab_size * c.hidden_size
+        attention = c.num_layers * 2 * s * c.hidden_size  # QK^T and AV per token, causal ~half x2
+        return b, b * s, 6.0 * b * s * params + 3.0 * b * s * attention
+
+    def optimizer_overrides(self) -> dict:
+        return {}
+
+    def on_step(self, step: int, model_chunks: list, optimizer) -> None:
+        self.step = step
+        if step == self.cfg.signal_at_step and torch.distributed.get_rank() == 0:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    def evaluate(self, model_chunks: list) -> dict[str, float]:
+        return {}

@@ -1,0 +1,43 @@
+"""Training entry point, launched by torchrun or srun (one process per GPU, or per CPU rank):
+
+    torchrun --nproc-per-node 8 -m megatron_finevit.train --config examples/stage1_mim.yaml \
+        optim.lr=1e-3 checkpoint.dir=/ckpt/stage1
+
+Overrides are ``key.sub=value`` pairs applied on top of the YAML file (values parsed as YAML).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from megatron_finevit.config.loader import ConfigError, load_config
+from megatron_finevit.config.train import TrainConfig
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m megatron_finevit.train",
+                                     description="Train a FineViT stage with megatron-core.")
+    parser.add_argument("--config", help="YAML run config (see examples/)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(TrainConfig, args.config, args.overrides)
+        cfg.validate()
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    from megatron_finevit.training.trainer import Trainer
+
+    Trainer(cfg).train()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,90 @@
+"""The stage plug-in interface (Megatron's ``pretrain(model_provider, forward_step,
+datasets_provider)`` convention, as one object).
+
+The loop (``training/trainer.py``) knows nothing about MIM, SigLIP or QA: a stage supplies the
+model, the data, the forward step and its trainable policy. Adding a stage is one module plus one
+``register_stage`` line, never a change to the loop.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable, Iterator, Protocol
+
+import torch
+
+from megatron_finevit.config.train import TrainConfig
+
+
+class ResumableIterator(Protocol):
+    """An infinite iterator of micro-batches whose position can be saved and restored."""
+
+    def __iter__(self) -> Iterator[Any]: ...
+    def __next__(self) -> Any: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+LossFn = Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+class Stage(Protocol):
+    """What a training stage provides. ``run`` is the whole run config; the stage parses and
+    validates ``run.stage_config`` into its own dataclass in ``__init__``."""
+
+    name: str
+
+    def __init__(self, run: TrainConfig) -> None: ...
+
+    def model_dims(self) -> dict[str, int]:
+        """num_attention_heads / num_query_groups / num_layers for parallel-layout validation."""
+
+    def transformer_config(self):
+        """megatron TransformerConfig for the model (parallel sizes and precision filled in)."""
+
+    def build_model(self, pre_process: bool, post_process: bool) -> torch.nn.Module:
+        """This pipeline stage's part of the model (a megatron module)."""
+
+    def build_data(self, dp_rank: int, dp_size: int) -> ResumableIterator:
+        """Micro-batches for this data-parallel rank (every PP/TP rank of the slice gets the
+        same sequence; the stage decides what each pipeline stage actually loads)."""
+
+    def sequence_shape(self) -> tuple[int, int]:
+        """(seq_length, micro_batch_size) of the activations passed between pipeline stages."""
+
+    def forward_step(self, batch: Any, model: torch.nn.Module) -> tuple[torch.Tensor, LossFn]:
+        """megatron's convention: the output tensor and a loss function of it, which returns
+        (scalar loss, {metric name: detached scalar tensor})."""
+
+    def work(self, batch: Any) -> tuple[float, float, float]:
+        """(samples, tokens, model FLOPs of forward + backward) in this micro-batch."""
+
+    def optimizer_overrides(self) -> dict:
+        """megatron ``{ParamKey: ParamGroupOverride}`` giving some parameters their own optimiser
+        groups (e.g. a tower that is frozen first), or {}."""
+
+    def on_step(self, step: int, model_chunks: list, optimizer) -> None:
+        """Apply the trainable policy and schedules before ``step`` (resolution, text context,
+        freezing). Freezing keeps parameters in DDP and the optimiser (megatron's grad buffers
+        are fixed at wrap time) and sets their groups' learning rate to zero."""
+
+    def evaluate(self, model_chunks: list) -> dict[str, float]:
+        """Evaluation metrics (rank-0 values are logged)."""
+
+
+_STAGES: dict[str, str] = {}
+
+
+def register_stage(name: str, target: str) -> None:
+    """Register ``"package.module:ClassName"`` under ``name`` (imported lazily)."""
+    _STAGES[name] = target
+
+
+def get_stage(name: str) -> type:
+    if name not in _STAGES:
+        raise ValueError(f"unknown stage {name!r}; registered: {sorted(_STAGES)}")
+    module_name, _, class_name = _STAGES[name].partition(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+register_stage("toy_lm", "megatron_finevit.testing.toy_stage:ToyLMStage")

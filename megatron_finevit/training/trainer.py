@@ -1,0 +1,273 @@
+"""The training loop (megatron engine): DDP + distributed optimiser, megatron's pipeline schedules,
+warm-up + cosine LR, gradient clipping, non-finite-loss skipping, metrics, periodic evaluation,
+atomic checkpoints with exact resume, and clean exit on SIGTERM / SIGUSR1.
+
+    python -m megatron_finevit.train --config FILE key.sub=value ...
+
+It knows nothing about what is trained: everything stage-specific comes from a ``Stage``
+(``training/stage.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from megatron_finevit.config.train import TrainConfig
+from megatron_finevit.training.checkpointing import (
+    TrainState,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from megatron_finevit.training.metrics import MetricsSink, Throughput, peak_tflops
+from megatron_finevit.training.optim import build_optimizer, build_scheduler
+from megatron_finevit.training.preemption import PreemptionHandler
+from megatron_finevit.training.stage import get_stage
+
+log = logging.getLogger(__name__)
+
+
+class TooManyBadSteps(RuntimeError):
+    """More steps than ``max_bad_steps`` had a non-finite loss."""
+
+
+def use_bf16(cfg: TrainConfig) -> bool:
+    if cfg.precision == "auto":
+        return torch.cuda.is_available()
+    return cfg.precision == "bf16"
+
+
+def build_model_chunks(stage, cfg: TrainConfig, bf16: bool) -> list:
+    """This rank's model chunk, built by the stage and wrapped in megatron DDP."""
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    model = stage.build_model(pre_process=parallel_state.is_pipeline_first_stage(),
+                              post_process=parallel_state.is_pipeline_last_stage())
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    if bf16:
+        from megatron.core.transformer.module import Float16Module
+
+        model = Float16Module(model.config, model)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.parallel.distributed_optimizer)
+    return [DistributedDataParallel(stage.transformer_config(), ddp_config, model)]
+
+
+def _unwrap(chunk):
+    """DDP (and Float16Module) → the stage's module, for checkpoints."""
+    module = chunk.module
+    return getattr(module, "module", module) if type(module).__name__ == "Float16Module" else module
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        from megatron.core import parallel_state
+
+        from megatron_finevit.platform import (
+            ParallelConfig,
+            detect_backend,
+            init_distributed,
+            init_parallel,
+            set_seed,
+        )
+
+        cfg.validate()
+        self.cfg = cfg
+        self.stage = get_stage(cfg.stage)(cfg)  # validates the stage config before any compute
+        p = cfg.parallel
+        self.env = init_distributed(detect_backend(cfg.device))
+        init_parallel(ParallelConfig(tensor_parallel=p.tensor_parallel,
+                                     pipeline_parallel=p.pipeline_parallel,
+                                     context_parallel=p.context_parallel,
+                                     sequence_parallel=p.sequence_parallel),
+                      **self.stage.model_dims())
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        if cfg.global_batch_size % self.dp_size:
+            raise ValueError(f"global_batch_size={cfg.global_batch_size} micro-batches is not "
+                             f"divisible by data parallel size {self.dp_size}")
+        self.microbatches_per_rank = cfg.global_batch_size // self.dp_size
+        set_seed(cfg.seed)
+        self.bf16 = use_bf16(cfg)
+        self.model = build_model_chunks(self.stage, cfg, self.bf16)
+        self.optimizer = build_optimizer(cfg, self.model, self.bf16, self.stage.optimizer_overrides())
+        self.scheduler = build_scheduler(cfg, self.optimizer)
+        self.data = self.stage.build_data(self.dp_rank, self.dp_size)
+        self.state = TrainState()
+        self._maybe_load()
+        self.is_logger = dist.get_rank() == dist.get_world_size() - 1  # last PP stage has the loss
+        self.sink = MetricsSink(self.is_logger, cfg.train_steps, cfg.logging.tensorboard_dir,
+                                cfg.logging.progress_bar)
+        self.throughput = Throughput(dist.get_world_size(), peak_tflops(cfg.logging.peak_tflops))
+        self.loss_history: list[float] = []
+
+    # --- checkpoints ---------------------------------------------------------------------------
+
+    def _maybe_load(self) -> None:
+        ck = self.cfg.checkpoint
+        resume_from = latest_checkpoint(ck.dir) if ck.dir and ck.resume else None
+        if resume_from is not None:
+            self.state, data_state = load_checkpoint(resume_from, _unwrap(self.model[0]),
+                                                     self.optimizer, self.scheduler)
+            if data_state is not None:
+                self.data.load_state_dict(data_state)
+        elif ck.load_dir:
+            source = latest_checkpoint(ck.load_dir)
+            if source is None:
+                raise FileNotFoundError(f"checkpoint.load_dir={ck.load_dir} holds no checkpoint")
+            load_checkpoint(source, _unwrap(self.model[0]), None, None, weights_only=True)
+            # DDP keeps fp32 main params in the optimizer: copy the loaded weights into them.
+            self.optimizer.reload_model_params()
+
+    def save(self) -> None:
+        save_checkpoint(self.cfg.checkpoint.dir, _unwrap(self.model[0]), self.optimizer,
+                        self.scheduler, self.state, self.data.state_dict(),
+                        config=asdict(self.cfg), keep_last=self.cfg.checkpoint.keep_last)
+
+    # --- one step -------------------------------------------------------------------------------
+
+    def _forward_step(self, data_iterator, model, work: list):
+        batch = next(data_iterator)
+        work.append(self.stage.work(batch))
+        return self.stage.forward_step(batch, model)
+
+    def train_step(self) -> dict[str, float] | None:
+        """One optimiser step. Returns the metrics (on every rank; loss only meaningful on the
+        last pipeline stage), or None when the step was skipped for a non-finite loss."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        self.stage.on_step(self.state.step, self.model, self.optimizer)
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        seq_length, micro_batch_size = self.stage.sequence_shape()
+        work: list = []
+        outputs = get_forward_backward_func()(
+            forward_step_func=partial(self._forward_step, work=work),
+            data_iterator=self.data,
+            model=self.model,
+            num_microbatches=self.microbatches_per_rank,
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
+            forward_only=False,
+        )
+        self.state.consumed_microbatches += self.cfg.global_batch_size
+        metrics = _mean_metrics(outputs)
+        if metrics:  # last pipeline stage: average over the data-parallel replicas
+            from megatron.core import parallel_state
+
+            values = torch.tensor(list(metrics.values()), dtype=torch.float64)
+            dist.all_reduce(values, group=parallel_state.get_data_parallel_group())
+            metrics = dict(zip(metrics, (values / self.dp_size).tolist()))
+        finite = torch.tensor([1 if all(math.isfinite(v) for v in metrics.values()) else 0])
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        self._add_work(work)
+        if not finite.item():
+            self.state.skipped_steps += 1
+            self.state.step += 1
+            if self.state.skipped_steps > self.cfg.max_bad_steps:
+                raise TooManyBadSteps(
+                    f"{self.state.skipped_steps} steps had a non-finite loss (limit "
+                    f"max_bad_steps={self.cfg.max_bad_steps}); last metrics {metrics}")
+            log.warning("step %d: non-finite loss %s, step skipped (%d so far)",
+                        self.state.step, metrics, self.state.skipped_steps)
+            return None
+        update_ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        self.state.step += 1
+        if not update_ok:
+            self.state.skipped_steps += 1
+            return None
+        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        return metrics
+
+    def _add_work(self, work: list) -> None:
+        """Sum (samples, tokens, FLOPs) over the data-parallel replicas (first PP/TP rank only,
+        so nothing is counted twice)."""
+        from megatron.core import parallel_state as ps
+
+        local = torch.tensor([sum(w[i] for w in work) for i in range(3)], dtype=torch.float64) \
+            if work else torch.zeros(3, dtype=torch.float64)
+        if ps.get_tensor_model_parallel_rank() or ps.get_pipeline_model_parallel_rank() or \
+                ps.get_context_parallel_rank():
+            local.zero_()
+        dist.all_reduce(local)
+        self.throughput.add(*local.tolist())
+
+    # --- the loop -------------------------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, float]:
+        for chunk in self.model:
+            chunk.eval()
+        with torch.no_grad():
+            results = self.stage.evaluate(self.model)
+        for chunk in self.model:
+            chunk.train()
+        if results:
+            self.sink.text("eval step %d | %s" % (self.state.step, " | ".join(
+                f"{k} {v:.4f}" for k, v in results.items())))
+            if self.sink.writer:
+                for k, v in results.items():
+                    self.sink.writer.add_scalar(f"eval/{k}", v, self.state.step)
+        return results
+
+    def train(self) -> dict:
+        cfg = self.cfg
+        handler = PreemptionHandler() if cfg.checkpoint.save_on_signal else None
+        evaluations = {}
+        try:
+            if cfg.eval.at_start and self.state.step == 0:
+                evaluations["start"] = self.evaluate()
+            stopped_by_signal = False
+            self.throughput.reset()
+            while self.state.step < cfg.train_steps:
+                start = time.perf_counter()
+                metrics = self.train_step()
+                if metrics is not None and "loss" in metrics:
+                    self.loss_history.append(metrics["loss"])
+                step = self.state.step
+                if metrics is not None and (step % cfg.logging.log_interval == 0 or step == cfg.train_steps):
+                    metrics["step_time_s"] = time.perf_counter() - start
+                    metrics.update(self.throughput.rates())
+                    self.throughput.reset()
+                    self.sink.step(step, metrics)
+                if cfg.eval.interval and step % cfg.eval.interval == 0 and step < cfg.train_steps:
+                    evaluations[step] = self.evaluate()
+                periodic = cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0
+                if handler is not None and handler.should_stop():
+                    stopped_by_signal = True
+                    if cfg.checkpoint.dir:
+                        self.save()
+                    self.sink.text(f"stopping at step {step} on signal (checkpoint saved)")
+                    break
+                if periodic and step < cfg.train_steps:
+                    self.save()
+            if not stopped_by_signal:
+                if cfg.checkpoint.dir:
+                    self.save()
+                if cfg.eval.at_end:
+                    evaluations["end"] = self.evaluate()
+            return {"state": asdict(self.state), "losses": self.loss_history,
+                    "evaluations": evaluations, "stopped_by_signal": stopped_by_signal}
+        finally:
+            if handler is not None:
+                handler.restore()
+            self.sink.close()
+
+
+def _mean_metrics(outputs: list[dict]) -> dict[str, float]:
+    """Average each metric over this rank's micro-batches (empty off the last PP stage)."""
+    if not outputs:
+        return {}
+    keys = outputs[0].keys()
+    return {k: torch.stack([o[k].float().reshape(()) for o in outputs]).mean().item() for k in keys}
