@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import io
 import os
-import socket
+import shutil
+import tempfile
 import traceback
 from datetime import timedelta
 from typing import Any, Callable
@@ -30,16 +31,10 @@ class RankFailure(RuntimeError):
     """A rank of a spawned world raised; the message holds its traceback."""
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _rank_main(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue) -> None:
+def _rank_main(rank: int, world_size: int, store_path: str, fn: Callable, args: tuple,
+               queue) -> None:
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
         # One BLAS thread per rank: ranks share the machine's cores.
         OMP_NUM_THREADS=os.environ.get("MULTIRANK_THREADS", "1"),
     )
@@ -51,7 +46,9 @@ def _rank_main(rank: int, world_size: int, port: int, fn: Callable, args: tuple,
         from megatron_finevit.platform.megatron_cpu_compat import apply_cpu_compat
 
         apply_cpu_compat()
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+        # Rendezvous through a file, not a TCP port picked in advance: a port found free by the
+        # parent can be taken by another world before rank 0 binds it (seen with parallel runs).
+        dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank,
                                 world_size=world_size, timeout=timedelta(minutes=5))
         try:
             result = fn(rank, world_size, *args)
@@ -72,8 +69,10 @@ def run_world(fn: Callable[..., Any], world_size: int, args: tuple = (), timeout
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned gloo ranks; see module doc."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, fn, args, queue), daemon=False)
+    store_dir = tempfile.mkdtemp(prefix="multirank_")
+    store_path = os.path.join(store_dir, "store")
+    procs = [ctx.Process(target=_rank_main, args=(r, world_size, store_path, fn, args, queue),
+                         daemon=False)
              for r in range(world_size)]
     for p in procs:
         p.start()
@@ -118,6 +117,7 @@ def run_world(fn: Callable[..., Any], world_size: int, args: tuple = (), timeout
             if p.is_alive():
                 p.kill()
                 p.join()
+        shutil.rmtree(store_dir, ignore_errors=True)
     if errors:
         raise RankFailure(f"{len(errors)} of {world_size} ranks failed:" + _format_errors(errors))
     return [results[r] for r in range(world_size)]
