@@ -4,6 +4,7 @@
         optim.lr=1e-3 checkpoint.dir=/ckpt/stage1
 
 Overrides are ``key.sub=value`` pairs applied on top of the YAML file (values parsed as YAML).
+Exit codes: 0 done, 2 bad config, 3 stopped on SIGTERM/SIGUSR1 after saving a checkpoint.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ import sys
 
 from megatron_finevit.config.loader import ConfigError, load_config
 from megatron_finevit.config.train import TrainConfig
+
+
+EXIT_STOPPED_BY_SIGNAL = 3
 
 
 def parse_args(argv=None):
@@ -35,8 +39,9 @@ def main(argv=None) -> int:
         return 2
     from megatron_finevit.training.trainer import Trainer
 
-    Trainer(cfg).train()
-    return 0
+    result = Trainer(cfg).train()
+    # 3: stopped on SIGTERM/SIGUSR1 after saving a checkpoint (slurm/launch.sh requeues the job)
+    return EXIT_STOPPED_BY_SIGNAL if result["stopped_by_signal"] else 0
 
 
 if __name__ == "__main__":
