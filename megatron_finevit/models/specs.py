@@ -77,10 +77,18 @@ def spec_provider(backend: str):
     raise ValueError(f"spec backend must be one of {BACKENDS}, got {backend!r}")
 
 
+# The local spec's separate norms under the names TE's fused norm+linear layers give them, so a
+# checkpoint is the same for both backends (megatron's own local GPT spec does this too).
+LOCAL_TO_TE_CHECKPOINT_KEYS = {
+    "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+    "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+}
+
+
 def transformer_layer_spec(backend: str, attn_mask_type: AttnMaskType, qk_layernorm: bool,
                            normalization: str) -> ModuleSpec:
     """One pre-norm transformer layer (attention + MLP; the MLP is gated when the config says
-    ``gated_linear_unit``)."""
+    ``gated_linear_unit``). Checkpoint keys are TE's for both backends."""
     provider = spec_provider(backend)
     rms = normalization == "RMSNorm"
     fused_norm = provider.fuse_layernorm_and_linear()
@@ -106,6 +114,7 @@ def transformer_layer_spec(backend: str, attn_mask_type: AttnMaskType, qk_layern
             pre_mlp_layernorm=IdentityOp if fused_norm else norm,
             mlp=get_mlp_module_spec_for_backend(backend=provider),
             mlp_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map={} if fused_norm else dict(LOCAL_TO_TE_CHECKPOINT_KEYS),
         ),
     )
 

@@ -226,6 +226,21 @@ def _unaliasing_adam_steps(fn):
     return wrapper
 
 
+def _with_tensor_cuda_as_identity(fn):
+    """Run ``fn`` with ``Tensor.cuda()`` returning the tensor itself (CPU only)."""
+
+    def wrapper(*args, **kwargs):
+        original = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda self, *a, **k: self
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.Tensor.cuda = original
+
+    wrapper.__wrapped__ = fn
+    return wrapper
+
+
 def _constant(value):
     return lambda original: value
 
@@ -349,6 +364,23 @@ SHIMS.append(
              "_set_main_param_and_optimizer_states", _tolerating_missing_state),
             ("megatron.core.optimizer.distrib_optimizer:DistributedOptimizer",
              "load_state_dict", _unaliasing_adam_steps),
+        ],
+    )
+)
+
+
+SHIMS.append(
+    Shim(
+        name="tied_embedding_sync_on_cpu",
+        answers=(
+            "models/common/language_module/language_module.py "
+            "LanguageModule.setup_embeddings_and_output_layer: with tied embeddings and PP > 1 "
+            "it moves the shared weight with weight.data.cuda() before all-reducing it over the "
+            "embedding group"
+        ),
+        targets=[
+            ("megatron.core.models.common.language_module.language_module:LanguageModule",
+             "setup_embeddings_and_output_layer", _with_tensor_cuda_as_identity),
         ],
     )
 )

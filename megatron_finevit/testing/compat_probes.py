@@ -151,6 +151,20 @@ def _ddp_backward(model):
     model.finish_grad_sync()
 
 
+def probe_tied_embedding_sync_on_cpu():
+    """Build a tied-embedding Qwen3 split over 2 pipeline stages: the first and last stage
+    all-reduce the shared weight while the model is built."""
+    from megatron.core import parallel_state
+
+    from megatron_finevit.config.llm import tiny_qwen3
+    from megatron_finevit.models.llm import build_qwen3
+
+    config = tiny_qwen3(num_layers=2, vocab_size=1024, tie_embeddings=True)
+    model = build_qwen3(config, config.to_transformer_config(pipeline_parallel=2))
+    shared = model.shared_embedding_or_output_weight()
+    return [parallel_state.get_pipeline_model_parallel_rank(), list(shared.shape)]
+
+
 PROBES = {
     "current_device_is_cpu": probe_current_device_is_cpu,
     "cuda_sync_is_noop": probe_cuda_sync_is_noop,
@@ -160,6 +174,7 @@ PROBES = {
     "cuda_literal_devices": probe_cuda_literal_devices,
     "cuda_type_name_checks": probe_cuda_type_name_checks,
     "torch_adam_step_on_load": probe_torch_adam_step_on_load,
+    "tied_embedding_sync_on_cpu": probe_tied_embedding_sync_on_cpu,
 }
 
 
@@ -170,8 +185,10 @@ def shim_necessity_world(rank: int, world_size: int) -> dict:
 
     report = {}
     for name, probe in PROBES.items():
-        # The p2p probe needs two pipeline stages; the others run on plain data parallelism.
-        init_parallel(ParallelConfig(pipeline_parallel=2 if name == "cuda_sync_is_noop" else 1))
+        # The p2p and tied-embedding probes need two pipeline stages; the others run on plain
+        # data parallelism.
+        pipeline = 2 if name in ("cuda_sync_is_noop", "tied_embedding_sync_on_cpu") else 1
+        init_parallel(ParallelConfig(pipeline_parallel=pipeline))
         entry = {}
         with without_shim(name):
             try:
@@ -179,7 +196,7 @@ def shim_necessity_world(rank: int, world_size: int) -> dict:
                 entry["without"] = None
             except Exception as exc:  # noqa: BLE001 - the failure is what we record
                 entry["without"] = f"{type(exc).__name__}: {exc}"
-        init_parallel(ParallelConfig(pipeline_parallel=2 if name == "cuda_sync_is_noop" else 1))
+        init_parallel(ParallelConfig(pipeline_parallel=pipeline))
         try:
             entry["with"] = probe()
             entry["ok"] = True

@@ -36,6 +36,9 @@ def test_probe_results_are_right(report):
     assert report[1]["cuda_sync_is_noop"]["with"] == 16.0  # received ones(2, 1, 8)
     # a resumed torch Adam: every parameter at step 2, none aliased
     assert rank0["torch_adam_step_on_load"]["with"] == [2.0]
+    # tied embeddings over 2 pipeline stages: both stages hold the [vocab, hidden] shared weight
+    assert [r["tied_embedding_sync_on_cpu"]["with"] for r in report] == [[0, [1024, 64]],
+                                                                          [1, [1024, 64]]]
     # the model-parallel RNG stream is reproducible
     assert rank0["cpu_rng_tracker"]["with"] == report[1]["cpu_rng_tracker"]["with"]
 

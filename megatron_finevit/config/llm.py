@@ -1,0 +1,190 @@
+"""Qwen3 language-model configuration: the public models' shapes as presets, plus tiny ones.
+
+One dataclass describes the architecture the way Hugging Face's ``Qwen3Config`` does (so the
+checkpoint converter can translate it field by field); ``to_transformer_config`` turns it into
+megatron-core's ``TransformerConfig`` for a given parallel layout.
+
+Vocabulary padding
+------------------
+Megatron-LM pads the embedding table to a multiple of ``make_vocab_size_divisible_by × TP``, so
+the table's global shape — and therefore the checkpoint — changes with TP, and a checkpoint saved
+at one TP cannot be loaded at another. We pad to a multiple of ``vocab_pad_multiple`` (default
+128, the GEMM-friendly granularity) *independent of TP* and require TP to divide the padded size:
+Qwen3's 151,936 rows = 2^7 · 1187 are already a multiple of 128 and split evenly for every TP up
+to 128, and the megatron checkpoint loads at any TP. The padded rows are zero after an HF import
+and are never addressed by a token id; export keeps only the first ``vocab_size`` rows (the size
+of the HF embedding table, which is itself a padded superset of the tokenizer's 151,669 ids).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+
+QWEN3_BOS_ID = 151643  # <|endoftext|>
+QWEN3_EOS_ID = 151645  # <|im_end|>
+
+
+@dataclass(frozen=True)
+class Qwen3Config:
+    """Qwen3 decoder shapes (names follow megatron; HF names in comments).
+
+    Attention is GQA with per-head RMSNorm on q and k, RoPE on the full head dim, SwiGLU MLP,
+    no biases, pre-norm RMSNorm.
+    """
+
+    num_layers: int                 # num_hidden_layers
+    hidden_size: int                # hidden_size
+    ffn_hidden_size: int            # intermediate_size
+    num_attention_heads: int        # num_attention_heads
+    num_query_groups: int           # num_key_value_heads
+    head_dim: int                   # head_dim (megatron kv_channels)
+    vocab_size: int = 151936        # rows of the HF embedding table
+    tie_embeddings: bool = False    # tie_word_embeddings
+    rope_theta: float = 1_000_000.0
+    norm_eps: float = 1e-6          # rms_norm_eps
+    max_position_embeddings: int = 40960
+    vocab_pad_multiple: int = 128
+    init_std: float = 0.02          # initializer_range
+    bos_token_id: int | None = QWEN3_BOS_ID
+    eos_token_id: int | None = QWEN3_EOS_ID
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of megatron's embedding / output table (see the module docstring)."""
+        return math.ceil(self.vocab_size / self.vocab_pad_multiple) * self.vocab_pad_multiple
+
+    def validate(self, tensor_parallel: int = 1, pipeline_parallel: int = 1,
+                 context_parallel: int = 1) -> None:
+        """Raise ValueError listing every inconsistency, before any tensor is allocated."""
+        problems = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "int" and isinstance(value, int) and value <= 0:
+                problems.append(f"{f.name}={value} must be positive")
+        if self.num_attention_heads % self.num_query_groups:
+            problems.append(f"num_query_groups={self.num_query_groups} does not divide "
+                            f"num_attention_heads={self.num_attention_heads}")
+        for name in ("num_attention_heads", "num_query_groups"):
+            if getattr(self, name) % tensor_parallel:
+                problems.append(f"tensor_parallel={tensor_parallel} does not divide "
+                                f"{name}={getattr(self, name)}")
+        if self.ffn_hidden_size % tensor_parallel:
+            problems.append(f"tensor_parallel={tensor_parallel} does not divide "
+                            f"ffn_hidden_size={self.ffn_hidden_size}")
+        if self.padded_vocab_size % tensor_parallel:
+            problems.append(f"tensor_parallel={tensor_parallel} does not divide the padded "
+                            f"vocabulary {self.padded_vocab_size}")
+        if self.num_layers < pipeline_parallel:
+            problems.append(f"num_layers={self.num_layers} is fewer than pipeline_parallel="
+                            f"{pipeline_parallel} stages")
+        if self.head_dim % 2:
+            problems.append(f"head_dim={self.head_dim} must be even for RoPE")
+        if context_parallel < 1:
+            problems.append(f"context_parallel={context_parallel} must be >= 1")
+        if problems:
+            raise ValueError("invalid Qwen3 config: " + "; ".join(problems))
+
+    def to_transformer_config(self, tensor_parallel: int = 1, pipeline_parallel: int = 1,
+                              context_parallel: int = 1, sequence_parallel: bool = False,
+                              params_dtype: torch.dtype = torch.float32, **overrides):
+        """megatron ``TransformerConfig`` for this model at the given parallel layout.
+
+        ``params_dtype`` bf16 switches megatron's bf16 mode on. ``overrides`` set any other
+        ``TransformerConfig`` field (e.g. ``recompute_granularity``, ``perform_initialization``).
+        """
+        from megatron.core.transformer.transformer_config import TransformerConfig
+
+        self.validate(tensor_parallel, pipeline_parallel, context_parallel)
+        kwargs = dict(
+            num_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            ffn_hidden_size=self.ffn_hidden_size,
+            num_attention_heads=self.num_attention_heads,
+            num_query_groups=self.num_query_groups,
+            kv_channels=self.head_dim,
+            normalization="RMSNorm",
+            layernorm_epsilon=self.norm_eps,
+            gated_linear_unit=True,
+            activation_func=torch.nn.functional.silu,
+            add_bias_linear=False,
+            add_qkv_bias=False,
+            qk_layernorm=True,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            init_method_std=self.init_std,
+            tensor_model_parallel_size=tensor_parallel,
+            pipeline_model_parallel_size=pipeline_parallel,
+            context_parallel_size=context_parallel,
+            sequence_parallel=sequence_parallel,
+            params_dtype=params_dtype,
+            pipeline_dtype=params_dtype,
+            bf16=params_dtype == torch.bfloat16,
+            fp16=params_dtype == torch.float16,
+            # Fusions below need CUDA kernels; the te spec brings its own fused paths.
+            apply_rope_fusion=False,
+            bias_dropout_fusion=False,
+            masked_softmax_fusion=False,
+            gradient_accumulation_fusion=False,
+            persist_layer_norm=False,
+            use_cpu_initialization=not torch.cuda.is_available(),
+        )
+        kwargs.update(overrides)
+        return TransformerConfig(**kwargs)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Qwen3Config":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown Qwen3Config fields {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+
+# --- presets: the public Qwen3 checkpoints' config.json values --------------------------------
+
+
+def qwen3_0p6b() -> Qwen3Config:
+    return Qwen3Config(num_layers=28, hidden_size=1024, ffn_hidden_size=3072,
+                       num_attention_heads=16, num_query_groups=8, head_dim=128,
+                       tie_embeddings=True)
+
+
+def qwen3_1p7b() -> Qwen3Config:
+    return Qwen3Config(num_layers=28, hidden_size=2048, ffn_hidden_size=6144,
+                       num_attention_heads=16, num_query_groups=8, head_dim=128,
+                       tie_embeddings=True)
+
+
+def qwen3_8b() -> Qwen3Config:
+    return Qwen3Config(num_layers=36, hidden_size=4096, ffn_hidden_size=12288,
+                       num_attention_heads=32, num_query_groups=8, head_dim=128,
+                       tie_embeddings=False)
+
+
+def tiny_qwen3(**changes) -> Qwen3Config:
+    """A CPU-test model with the real Qwen tokenizer's 151,669 ids (so real text tokenizes into
+    it) — not a multiple of 128, so vocabulary padding is exercised — and GQA 4:2."""
+    base = Qwen3Config(num_layers=4, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
+                       num_query_groups=2, head_dim=16, vocab_size=151669,
+                       max_position_embeddings=512, tie_embeddings=True)
+    return replace(base, **changes)
+
+
+QWEN3_PRESETS = {
+    "qwen3_0p6b": qwen3_0p6b,
+    "qwen3_1p7b": qwen3_1p7b,
+    "qwen3_8b": qwen3_8b,
+    "tiny_qwen3": tiny_qwen3,
+}
+
+
+def qwen3_preset(name: str) -> Qwen3Config:
+    if name not in QWEN3_PRESETS:
+        raise ValueError(f"unknown Qwen3 preset {name!r}; choose one of {sorted(QWEN3_PRESETS)}")
+    return QWEN3_PRESETS[name]()

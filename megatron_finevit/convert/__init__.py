@@ -1,0 +1,1 @@
+"""Checkpoint conversion between Hugging Face and megatron formats (see registry.py)."""
