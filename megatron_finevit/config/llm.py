@@ -18,17 +18,24 @@ of the HF embedding table, which is itself a padded superset of the tokenizer's 
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
+
+from megatron_finevit.config.common import (
+    DictConfig,
+    indivisible_by,
+    nonpositive_fields,
+    round_up,
+    transformer_config,
+)
 
 QWEN3_BOS_ID = 151643  # <|endoftext|>
 QWEN3_EOS_ID = 151645  # <|im_end|>
 
 
 @dataclass(frozen=True)
-class Qwen3Config:
+class Qwen3Config(DictConfig):
     """Qwen3 decoder shapes (names follow megatron; HF names in comments).
 
     Attention is GQA with per-head RMSNorm on q and k, RoPE on the full head dim, SwiGLU MLP,
@@ -54,23 +61,17 @@ class Qwen3Config:
     @property
     def padded_vocab_size(self) -> int:
         """Rows of megatron's embedding / output table (see the module docstring)."""
-        return math.ceil(self.vocab_size / self.vocab_pad_multiple) * self.vocab_pad_multiple
+        return round_up(self.vocab_size, self.vocab_pad_multiple)
 
     def validate(self, tensor_parallel: int = 1, pipeline_parallel: int = 1,
                  context_parallel: int = 1) -> None:
         """Raise ValueError listing every inconsistency, before any tensor is allocated."""
-        problems = []
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.type == "int" and isinstance(value, int) and value <= 0:
-                problems.append(f"{f.name}={value} must be positive")
+        problems = nonpositive_fields(self)
         if self.num_attention_heads % self.num_query_groups:
             problems.append(f"num_query_groups={self.num_query_groups} does not divide "
                             f"num_attention_heads={self.num_attention_heads}")
-        for name in ("num_attention_heads", "num_query_groups"):
-            if getattr(self, name) % tensor_parallel:
-                problems.append(f"tensor_parallel={tensor_parallel} does not divide "
-                                f"{name}={getattr(self, name)}")
+        problems += indivisible_by(self, tensor_parallel,
+                                   ("num_attention_heads", "num_query_groups"))
         if self.ffn_hidden_size % tensor_parallel:
             problems.append(f"tensor_parallel={tensor_parallel} does not divide "
                             f"ffn_hidden_size={self.ffn_hidden_size}")
@@ -95,10 +96,11 @@ class Qwen3Config:
         ``params_dtype`` bf16 switches megatron's bf16 mode on. ``overrides`` set any other
         ``TransformerConfig`` field (e.g. ``recompute_granularity``, ``perform_initialization``).
         """
-        from megatron.core.transformer.transformer_config import TransformerConfig
-
         self.validate(tensor_parallel, pipeline_parallel, context_parallel)
-        kwargs = dict(
+        return transformer_config(
+            tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
+            context_parallel=context_parallel, sequence_parallel=sequence_parallel,
+            params_dtype=params_dtype, overrides=overrides,
             num_layers=self.num_layers,
             hidden_size=self.hidden_size,
             ffn_hidden_size=self.ffn_hidden_size,
@@ -112,38 +114,9 @@ class Qwen3Config:
             add_bias_linear=False,
             add_qkv_bias=False,
             qk_layernorm=True,
-            hidden_dropout=0.0,
-            attention_dropout=0.0,
             init_method_std=self.init_std,
-            tensor_model_parallel_size=tensor_parallel,
-            pipeline_model_parallel_size=pipeline_parallel,
-            context_parallel_size=context_parallel,
-            sequence_parallel=sequence_parallel,
-            params_dtype=params_dtype,
-            pipeline_dtype=params_dtype,
-            bf16=params_dtype == torch.bfloat16,
-            fp16=params_dtype == torch.float16,
-            # Fusions below need CUDA kernels; the te spec brings its own fused paths.
-            apply_rope_fusion=False,
-            bias_dropout_fusion=False,
-            masked_softmax_fusion=False,
-            gradient_accumulation_fusion=False,
-            persist_layer_norm=False,
-            use_cpu_initialization=not torch.cuda.is_available(),
         )
-        kwargs.update(overrides)
-        return TransformerConfig(**kwargs)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "Qwen3Config":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown Qwen3Config fields {unknown}; known: {sorted(known)}")
-        return cls(**values)
 
 
 # --- presets: the public Qwen3 checkpoints' config.json values --------------------------------

@@ -21,17 +21,24 @@ Vocabulary padding is the LLM's rule (``config/llm.py``): pad to a multiple of
 from __future__ import annotations
 
 import functools
-import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
+
+from megatron_finevit.config.common import (
+    DictConfig,
+    indivisible_by,
+    nonpositive_fields,
+    round_up,
+    transformer_config,
+)
 
 SPEC_BACKENDS = ("local", "te")
 GEMMA_PAD_ID, GEMMA_EOS_ID, GEMMA_BOS_ID = 0, 1, 2  # the Gemma SentencePiece model SigLIP2 uses
 
 
 @dataclass(frozen=True)
-class SigLIP2TextConfig:
+class SigLIP2TextConfig(DictConfig):
     """SigLIP2 text encoder shapes (pre-norm LayerNorm transformer, bidirectional attention over
     the whole padded row, last-token pooling, linear head)."""
 
@@ -57,23 +64,17 @@ class SigLIP2TextConfig:
     @property
     def padded_vocab_size(self) -> int:
         """Rows of megatron's embedding table (zeros after ``vocab_size``)."""
-        return math.ceil(self.vocab_size / self.vocab_pad_multiple) * self.vocab_pad_multiple
+        return round_up(self.vocab_size, self.vocab_pad_multiple)
 
     def validate(self, tensor_parallel: int = 1, pipeline_parallel: int = 1,
                  context_parallel: int = 1) -> None:
         """Raise ValueError listing every inconsistency, before any tensor is allocated."""
-        problems = []
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.type == "int" and isinstance(value, int) and value <= 0:
-                problems.append(f"{f.name}={value} must be positive")
+        problems = nonpositive_fields(self)
         if self.hidden_size % self.num_attention_heads:
             problems.append(f"num_attention_heads={self.num_attention_heads} does not divide "
                             f"hidden_size={self.hidden_size}")
-        for name in ("num_attention_heads", "ffn_hidden_size", "padded_vocab_size"):
-            if getattr(self, name) % tensor_parallel:
-                problems.append(f"tensor_parallel={tensor_parallel} does not divide "
-                                f"{name}={getattr(self, name)}")
+        problems += indivisible_by(self, tensor_parallel,
+                                   ("num_attention_heads", "ffn_hidden_size", "padded_vocab_size"))
         if pipeline_parallel != 1:
             problems.append(f"pipeline_parallel={pipeline_parallel}: the text tower runs whole "
                             "on every pipeline-first rank (it is small); use pipeline_parallel=1")
@@ -93,10 +94,10 @@ class SigLIP2TextConfig:
         ``overrides`` set any other ``TransformerConfig`` field (``perform_initialization``,
         ``recompute_granularity`` ...).
         """
-        from megatron.core.transformer.transformer_config import TransformerConfig
-
         self.validate(tensor_parallel)
-        kwargs = dict(
+        return transformer_config(
+            tensor_parallel=tensor_parallel, sequence_parallel=sequence_parallel,
+            params_dtype=params_dtype, overrides=overrides,
             num_layers=self.num_layers,
             hidden_size=self.hidden_size,
             ffn_hidden_size=self.ffn_hidden_size,
@@ -110,36 +111,9 @@ class SigLIP2TextConfig:
             gated_linear_unit=False,
             add_bias_linear=True,
             add_qkv_bias=True,
-            hidden_dropout=0.0,
-            attention_dropout=0.0,
             init_method_std=self.init_std,
-            tensor_model_parallel_size=tensor_parallel,
-            sequence_parallel=sequence_parallel,
-            params_dtype=params_dtype,
-            pipeline_dtype=params_dtype,
-            bf16=params_dtype == torch.bfloat16,
-            fp16=params_dtype == torch.float16,
-            # The fused kernels below need CUDA (the te spec brings its own fused paths).
-            bias_activation_fusion=False,
-            bias_dropout_fusion=False,
-            masked_softmax_fusion=False,
-            gradient_accumulation_fusion=False,
-            persist_layer_norm=False,
-            use_cpu_initialization=not torch.cuda.is_available(),
         )
-        kwargs.update(overrides)
-        return TransformerConfig(**kwargs)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "SigLIP2TextConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown SigLIP2TextConfig fields {unknown}; known: {sorted(known)}")
-        return cls(**values)
 
 
 def siglip2_giant_text() -> SigLIP2TextConfig:

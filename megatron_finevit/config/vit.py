@@ -12,9 +12,16 @@ FP8 are part of this config and validated here, before any tensor exists.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
+
+from megatron_finevit.config.common import (
+    DictConfig,
+    indivisible_by,
+    nonpositive_fields,
+    transformer_config,
+)
 
 SPEC_BACKENDS = ("local", "te")
 FP8_FORMATS = (None, "hybrid", "e4m3")
@@ -22,7 +29,7 @@ FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
 
 
 @dataclass(frozen=True)
-class FineViTConfig:
+class FineViTConfig(DictConfig):
     """FineViT encoder shapes and implementation choices.
 
     ``merge_size`` is the side of the projector's patch-merge window (2 → 2×2 patches): image
@@ -61,11 +68,7 @@ class FineViTConfig:
     def validate(self, tensor_parallel: int = 1, pipeline_parallel: int = 1,
                  context_parallel: int = 1) -> None:
         """Raise ValueError listing every inconsistency, before any tensor is allocated."""
-        problems = []
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.type in ("int", "float") and value <= 0:
-                problems.append(f"{f.name}={value} must be positive")
+        problems = nonpositive_fields(self, ("int", "float"))
         if problems:
             raise ValueError("invalid FineViT config: " + "; ".join(problems))
         if self.hidden_size % self.num_attention_heads:
@@ -74,10 +77,8 @@ class FineViTConfig:
         elif self.head_dim % 4:
             # 2D RoPE: half the rotary pairs follow the row, half the column.
             problems.append(f"head_dim={self.head_dim} must be a multiple of 4 for 2D RoPE")
-        for name in ("num_attention_heads", "ffn_hidden_size"):
-            if getattr(self, name) % tensor_parallel:
-                problems.append(f"tensor_parallel={tensor_parallel} does not divide "
-                                f"{name}={getattr(self, name)}")
+        problems += indivisible_by(self, tensor_parallel,
+                                   ("num_attention_heads", "ffn_hidden_size"))
         if self.num_layers < pipeline_parallel:
             problems.append(f"num_layers={self.num_layers} is fewer than pipeline_parallel="
                             f"{pipeline_parallel} stages")
@@ -107,11 +108,12 @@ class FineViTConfig:
         ``params_dtype`` bf16 switches megatron's bf16 mode on; ``overrides`` set any other
         ``TransformerConfig`` field (e.g. ``recompute_granularity``).
         """
-        from megatron.core.transformer.transformer_config import TransformerConfig
-
         self.validate(tensor_parallel, pipeline_parallel, context_parallel)
         te = self.spec_backend == "te"
-        kwargs = dict(
+        return transformer_config(
+            tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
+            context_parallel=context_parallel, sequence_parallel=sequence_parallel,
+            params_dtype=params_dtype, overrides=overrides,
             num_layers=self.num_layers,
             hidden_size=self.hidden_size,
             ffn_hidden_size=self.ffn_hidden_size,
@@ -123,33 +125,12 @@ class FineViTConfig:
             activation_func=torch.nn.functional.silu,
             add_bias_linear=self.add_bias_linear,
             add_qkv_bias=self.add_bias_linear,
-            hidden_dropout=0.0,
-            attention_dropout=0.0,
             init_method_std=self.init_std,
-            tensor_model_parallel_size=tensor_parallel,
-            pipeline_model_parallel_size=pipeline_parallel,
-            context_parallel_size=context_parallel,
             # TE's THD context parallelism exchanges K/V ring-wise; ours all-gathers them.
             cp_comm_type=("p2p" if te else "all_gather") if context_parallel > 1 else None,
-            sequence_parallel=sequence_parallel,
-            params_dtype=params_dtype,
-            pipeline_dtype=params_dtype,
-            bf16=params_dtype == torch.bfloat16,
-            fp16=params_dtype == torch.float16,
             fp8=self.fp8,
             fp8_recipe=self.fp8_recipe,
-            # Our 2D RoPE table is applied by megatron's unfused THD path (one row per token);
-            # the other fusions need CUDA kernels (the te spec brings its own).
-            apply_rope_fusion=False,
-            bias_dropout_fusion=False,
-            bias_activation_fusion=False,
-            masked_softmax_fusion=False,
-            gradient_accumulation_fusion=False,
-            persist_layer_norm=False,
-            use_cpu_initialization=not torch.cuda.is_available(),
         )
-        kwargs.update(overrides)
-        return TransformerConfig(**kwargs)
 
     def num_parameters(self) -> int:
         """Parameters of the encoder (patch embedding, layers, final norm), from the shapes."""
@@ -159,16 +140,6 @@ class FineViTConfig:
         per_layer = attention + mlp + 2 * h  # + the two RMSNorm weights
         return self.patch_dim * h + self.num_layers * per_layer + h  # + the final norm
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "FineViTConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown FineViTConfig fields {unknown}; known: {sorted(known)}")
-        return cls(**values)
 
 
 # --- presets ------------------------------------------------------------------------------------

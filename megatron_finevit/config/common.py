@@ -1,0 +1,79 @@
+"""What every model config shares: the megatron ``TransformerConfig`` plumbing (parallel sizes,
+dtype flags, CUDA-only fusions off) and the dict round trip used by checkpoints and converters."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, fields
+
+import torch
+
+
+def transformer_config(*, tensor_parallel: int = 1, pipeline_parallel: int = 1,
+                       context_parallel: int = 1, sequence_parallel: bool = False,
+                       params_dtype: torch.dtype = torch.float32, overrides: dict | None = None,
+                       **model):
+    """megatron ``TransformerConfig`` from a model's own fields (``model``: num_layers,
+    hidden_size, normalization, activation ...) at one parallel layout.
+
+    ``params_dtype`` bf16/fp16 switches megatron's mixed-precision mode on. The fused kernels
+    megatron would otherwise pick need CUDA (the te spec brings its own fused paths) and our 2D
+    RoPE table must go through the unfused THD path, so all fusions are off. Weights are
+    initialised on the CPU when there is no GPU. ``overrides`` set any other field last.
+    """
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    kwargs = dict(
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+        context_parallel_size=context_parallel,
+        sequence_parallel=sequence_parallel,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        apply_rope_fusion=False,
+        bias_dropout_fusion=False,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        use_cpu_initialization=not torch.cuda.is_available(),
+    )
+    kwargs.update(model)
+    kwargs.update(overrides or {})
+    return TransformerConfig(**kwargs)
+
+
+class DictConfig:
+    """``to_dict`` / ``from_dict`` for a dataclass config; unknown fields are an error."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+
+def nonpositive_fields(config, types: tuple[str, ...] = ("int",)) -> list[str]:
+    """Problems for every numeric field (annotated as one of ``types``) that is not positive."""
+    return [f"{f.name}={getattr(config, f.name)} must be positive" for f in fields(config)
+            if f.type in types and isinstance(getattr(config, f.name), (int, float))
+            and getattr(config, f.name) <= 0]
+
+
+def indivisible_by(config, divisor: int, names: tuple[str, ...],
+                   divisor_name: str = "tensor_parallel") -> list[str]:
+    """Problems for every attribute in ``names`` that ``divisor`` does not divide."""
+    return [f"{divisor_name}={divisor} does not divide {name}={getattr(config, name)}"
+            for name in names if getattr(config, name) % divisor]
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
