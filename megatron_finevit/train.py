@@ -37,9 +37,9 @@ def main(argv=None) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    from megatron_finevit.training.trainer import Trainer
+    from megatron_finevit.training.trainer import build_trainer
 
-    result = Trainer(cfg).train()
+    result = build_trainer(cfg).train()
     # 3: stopped on SIGTERM/SIGUSR1 after saving a checkpoint (slurm/launch.sh requeues the job)
     return EXIT_STOPPED_BY_SIGNAL if result["stopped_by_signal"] else 0
 

@@ -36,9 +36,10 @@ echo "setup_env: installing torch 2.13.0 (CPU)"
 echo "setup_env: installing megatron-core 0.19.2 (cp311 wheel, --no-deps --ignore-requires-python)"
 "${pip[@]}" install -q numpy packaging psutil 'triton==3.*' einops
 "${pip[@]}" install -q --no-deps --ignore-requires-python megatron-core==0.19.2
-echo "setup_env: installing megatron_finevit (editable) with its test extras"
-# torch stays pinned so that no dependency resolution can replace the CPU build.
-"${pip[@]}" install -q -e "$repo[test]" torch==2.13.0
+echo "setup_env: installing megatron_finevit (editable) with its test and deepspeed extras"
+# torch stays pinned so that no dependency resolution can replace the CPU build. DS_BUILD_OPS=0:
+# DeepSpeed builds no C++ ops at install (the CPU engine uses torch's AdamW and gloo).
+DS_BUILD_OPS=0 "${pip[@]}" install -q -e "$repo[test,deepspeed]" torch==2.13.0
 
 echo "$want" >"$stamp"
 echo "setup_env: done ($venv)"

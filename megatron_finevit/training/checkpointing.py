@@ -158,13 +158,11 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(directory: str | Path, model, optimizer, scheduler, train_state: TrainState,
-                    data_state: dict | None, config: dict, keep_last: int = 2) -> Path:
-    """Save and publish ``iter_{step}``; collective over all ranks."""
-    from megatron.core import dist_checkpointing
-
+def begin_save(directory: str | Path, step: int) -> tuple[Path, Path]:
+    """Collective: rank 0 makes a fresh ``iter_{step}.tmp`` (removing one left by a killed save).
+    Returns (final, tmp) paths; every rank then writes into ``tmp`` and calls ``publish_save``."""
     directory = Path(directory)
-    name = f"iter_{train_state.step:07d}"
+    name = f"iter_{step:07d}"
     final, tmp = directory / name, directory / (name + ".tmp")
     if dist.get_rank() == 0:
         directory.mkdir(parents=True, exist_ok=True)
@@ -172,21 +170,37 @@ def save_checkpoint(directory: str | Path, model, optimizer, scheduler, train_st
             shutil.rmtree(tmp)
         tmp.mkdir()
     dist.barrier()
+    return final, tmp
+
+
+def publish_save(final: Path, tmp: Path, keep_last: int) -> None:
+    """Collective, once every rank has written into ``tmp``: rank 0 renames it to ``final``,
+    points ``latest`` at it and prunes older checkpoints."""
+    dist.barrier()
+    if dist.get_rank() == 0:
+        if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_atomically(final.parent / LATEST, final.name)
+        _prune(final.parent, keep_last, keep=final.name)
+    dist.barrier()
+
+
+def save_checkpoint(directory: str | Path, model, optimizer, scheduler, train_state: TrainState,
+                    data_state: dict | None, config: dict, keep_last: int = 2) -> Path:
+    """Save and publish ``iter_{step}``; collective over all ranks."""
+    from megatron.core import dist_checkpointing
+
+    final, tmp = begin_save(directory, train_state.step)
     state = _sharded_state(model, optimizer, is_loading=False, with_rank_states=True,
                            rank_states={"rng": rng_state(), "data": data_state})
     state["common"] = {"train_state": asdict(train_state), "scheduler": scheduler.state_dict(),
                        "layout": _layout(), "optimizer": _optimizer_kind(optimizer),
                        "config": config}
     dist_checkpointing.save(state, str(tmp))
-    dist.barrier()
+    publish_save(final, tmp, keep_last)
     if dist.get_rank() == 0:
-        if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_atomically(directory / LATEST, name)
-        _prune(directory, keep_last, keep=name)
         log.info("checkpoint: saved step %d to %s", train_state.step, final)
-    dist.barrier()
     return final
 
 
@@ -218,11 +232,24 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, weights_only:
     template = _sharded_state(model, None if weights_only else optimizer, is_loading=True,
                               with_rank_states=with_rank_states,
                               rank_states={"rng": None, "data": None})
+    if weights_only:
+        # Initialising another stage's model (Stage II from Stage I): parameters the checkpoint
+        # lacks keep their fresh initialisation, parameters it has and the model lacks are left.
+        from megatron.core.dist_checkpointing.validation import StrictHandling
+
+        # megatron's naming: "missing" = in the checkpoint, not asked for; "unexpected" = asked
+        # for, not in the checkpoint (those keep their fresh initialisation).
+        loaded, unused, fresh = dist_checkpointing.load(
+            template, str(path), strict=StrictHandling.RETURN_ALL)
+        fresh = sorted(fresh)
+        model.load_state_dict(loaded["model"], strict=not fresh)
+        log.info("checkpoint: initialised weights from %s; %d tensors kept their fresh "
+                 "initialisation%s; %d tensors of the checkpoint unused", path, len(fresh),
+                 f" ({', '.join(fresh[:6])}{' ...' if len(fresh) > 6 else ''})" if fresh else "",
+                 len(unused))
+        return TrainState(), None
     loaded = dist_checkpointing.load(template, str(path))
     model.load_state_dict(loaded["model"])
-    if weights_only:
-        log.info("checkpoint: initialised weights from %s", path)
-        return TrainState(), None
     optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(common["scheduler"])
     data_state = None

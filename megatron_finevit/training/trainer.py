@@ -44,10 +44,10 @@ def use_bf16(cfg: TrainConfig) -> bool:
     return cfg.precision == "bf16"
 
 
-def build_model_chunks(stage, cfg: TrainConfig, bf16: bool) -> list:
-    """This rank's model chunk, built by the stage and wrapped in megatron DDP."""
+def build_stage_module(stage, bf16: bool) -> torch.nn.Module:
+    """This pipeline stage's model, built by the stage, on the GPU if there is one, and in
+    megatron's Float16Module for bf16 (it casts inputs and outputs at the pipeline ends)."""
     from megatron.core import parallel_state
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     model = stage.build_model(pre_process=parallel_state.is_pipeline_first_stage(),
                               post_process=parallel_state.is_pipeline_last_stage())
@@ -57,6 +57,14 @@ def build_model_chunks(stage, cfg: TrainConfig, bf16: bool) -> list:
         from megatron.core.transformer.module import Float16Module
 
         model = Float16Module(model.config, model)
+    return model
+
+
+def build_model_chunks(stage, cfg: TrainConfig, bf16: bool) -> list:
+    """This rank's model chunk, built by the stage and wrapped in megatron DDP."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    model = build_stage_module(stage, bf16)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.parallel.distributed_optimizer)
     return [DistributedDataParallel(stage.transformer_config(), ddp_config, model)]
@@ -66,6 +74,15 @@ def _unwrap(chunk):
     """DDP (and Float16Module) → the stage's module, for checkpoints."""
     module = chunk.module
     return getattr(module, "module", module) if type(module).__name__ == "Float16Module" else module
+
+
+def build_trainer(cfg: TrainConfig) -> "Trainer":
+    """The trainer for ``cfg.engine``: megatron (3D parallel) or DeepSpeed ZeRO-2 (DP only)."""
+    if cfg.engine == "deepspeed":
+        from megatron_finevit.training.deepspeed_engine import DeepSpeedTrainer
+
+        return DeepSpeedTrainer(cfg)
+    return Trainer(cfg)
 
 
 class Trainer:
@@ -98,9 +115,7 @@ class Trainer:
         self.microbatches_per_rank = cfg.global_batch_size // self.dp_size
         set_seed(cfg.seed)
         self.bf16 = use_bf16(cfg)
-        self.model = build_model_chunks(self.stage, cfg, self.bf16)
-        self.optimizer = build_optimizer(cfg, self.model, self.bf16, self.stage.optimizer_overrides())
-        self.scheduler = build_scheduler(cfg, self.optimizer)
+        self._build_model_and_optimizer()
         self.data = self.stage.build_data(self.dp_rank, self.dp_size)
         self.state = TrainState()
         self._maybe_load()
@@ -109,6 +124,13 @@ class Trainer:
                                 cfg.logging.progress_bar)
         self.throughput = Throughput(dist.get_world_size(), peak_tflops(cfg.logging.peak_tflops))
         self.loss_history: list[float] = []
+
+    def _build_model_and_optimizer(self) -> None:
+        """Sets ``model`` (the chunks stages see), ``optimizer`` and ``scheduler``."""
+        self.model = build_model_chunks(self.stage, self.cfg, self.bf16)
+        self.optimizer = build_optimizer(self.cfg, self.model, self.bf16,
+                                         self.stage.optimizer_overrides())
+        self.scheduler = build_scheduler(self.cfg, self.optimizer)
 
     # --- checkpoints ---------------------------------------------------------------------------
 
@@ -161,25 +183,10 @@ class Trainer:
             forward_only=False,
         )
         self.state.consumed_microbatches += self.cfg.global_batch_size
-        metrics = _mean_metrics(outputs)
-        if metrics:  # last pipeline stage: average over the data-parallel replicas
-            from megatron.core import parallel_state
-
-            values = torch.tensor(list(metrics.values()), dtype=torch.float64)
-            dist.all_reduce(values, group=parallel_state.get_data_parallel_group())
-            metrics = dict(zip(metrics, (values / self.dp_size).tolist()))
-        finite = torch.tensor([1 if all(math.isfinite(v) for v in metrics.values()) else 0])
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        metrics, finite = self._reduce_metrics(outputs)
         self._add_work(work)
-        if not finite.item():
-            self.state.skipped_steps += 1
-            self.state.step += 1
-            if self.state.skipped_steps > self.cfg.max_bad_steps:
-                raise TooManyBadSteps(
-                    f"{self.state.skipped_steps} steps had a non-finite loss (limit "
-                    f"max_bad_steps={self.cfg.max_bad_steps}); last metrics {metrics}")
-            log.warning("step %d: non-finite loss %s, step skipped (%d so far)",
-                        self.state.step, metrics, self.state.skipped_steps)
+        if not finite:
+            self._skip_step(metrics)
             return None
         update_ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
@@ -190,6 +197,32 @@ class Trainer:
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         return metrics
+
+    def _reduce_metrics(self, outputs: list[dict]) -> tuple[dict[str, float], bool]:
+        """This step's metrics averaged over micro-batches and data-parallel replicas, and
+        whether they are finite on every rank."""
+        metrics = _mean_metrics(outputs)
+        if metrics:  # last pipeline stage: average over the data-parallel replicas
+            from megatron.core import parallel_state
+
+            values = torch.tensor(list(metrics.values()), dtype=torch.float64)
+            dist.all_reduce(values, group=parallel_state.get_data_parallel_group())
+            metrics = dict(zip(metrics, (values / self.dp_size).tolist()))
+        finite = torch.tensor([1 if all(math.isfinite(v) for v in metrics.values()) else 0])
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return metrics, bool(finite.item())
+
+    def _skip_step(self, metrics: dict[str, float]) -> None:
+        """Count a step whose loss was not finite (no update, no LR step); abort past
+        ``max_bad_steps``."""
+        self.state.skipped_steps += 1
+        self.state.step += 1
+        if self.state.skipped_steps > self.cfg.max_bad_steps:
+            raise TooManyBadSteps(
+                f"{self.state.skipped_steps} steps had a non-finite loss (limit "
+                f"max_bad_steps={self.cfg.max_bad_steps}); last metrics {metrics}")
+        log.warning("step %d: non-finite loss %s, step skipped (%d so far)",
+                    self.state.step, metrics, self.state.skipped_steps)
 
     def _add_work(self, work: list) -> None:
         """Sum (samples, tokens, FLOPs) over the data-parallel replicas (first PP/TP rank only,
