@@ -88,3 +88,5 @@ def get_stage(name: str) -> type:
 
 
 register_stage("toy_lm", "megatron_finevit.testing.toy_stage:ToyLMStage")
+register_stage("mim", "megatron_finevit.training.stages.mim:MIMStage")
+register_stage("contrastive", "megatron_finevit.training.stages.contrastive:ContrastiveStage")

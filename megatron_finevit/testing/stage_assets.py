@@ -1,0 +1,54 @@
+"""Tiny assets the Stage I / II tests and tools share: synthetic train + eval shards (indexed), a
+tiny random DINOv3 teacher and a SentencePiece model trained on the captions, and run configs of
+the two stages over them."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from megatron_finevit.config.train import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_stage_assets(root: str | Path, num_train: int = 128, num_eval: int = 48) -> dict:
+    from megatron_finevit.data.index import build_index
+    from megatron_finevit.data.synthetic import make_synthetic_shards
+
+    root = Path(root)
+    for split, num, seed in (("train", num_train, 0), ("eval", num_eval, 1)):
+        make_synthetic_shards(root / split, num, seed=seed, samples_per_shard=64, progress=False)
+        build_index(root / split, progress=False)
+    _tool("make_tiny_teacher").make_tiny_teacher(root / "teacher", hidden=32, layers=1, heads=2)
+    _tool("train_caption_tokenizer").train_caption_tokenizer(root / "train", root / "tok.model")
+    return {k: str(root / v) for k, v in (("train", "train"), ("eval", "eval"),
+                                          ("teacher", "teacher"), ("tokenizer", "tok.model"))}
+
+
+def tiny_run(stage: str, assets: dict, steps: int, global_batch: int = 2, tp: int = 1,
+             **stage_config) -> TrainConfig:
+    """A tiny fp32 run config of ``stage`` ("mim" or "contrastive") over ``assets``."""
+    cfg = TrainConfig(stage=stage, train_steps=steps, global_batch_size=global_batch,
+                      precision="fp32")
+    cfg.parallel.tensor_parallel = tp
+    cfg.optim.lr, cfg.optim.eps, cfg.optim.warmup_steps = 3e-3, 1e-8, 0
+    cfg.eval.at_start = cfg.eval.at_end = False
+    cfg.logging.log_interval, cfg.logging.progress_bar = 1000, False
+    data = {"dir": assets["train"], "pack_tokens": 128, "max_pixels": 84 * 84,
+            "buffer_size": 64, "use_draft": True}
+    common = {"vit": "tiny_vit", "vit_overrides": {"num_layers": 2}, "data": data}
+    if stage == "mim":
+        common["teacher_dir"] = assets["teacher"]
+    else:
+        common.update(tokenizer=assets["tokenizer"], context_length=24,
+                      text_overrides={"vocab_size": 128, "num_layers": 1})
+    cfg.stage_config = {**common, **stage_config}
+    return cfg

@@ -1,0 +1,257 @@
+"""Stage II: SigLIP contrastive learning of FineViT with a text tower (paper §3.2, Eq. 2).
+
+Images: FineViT -> MAP pooling head -> projection to the text embedding width, L2-normalised.
+Captions: the SigLIP2 text tower (``models.text_tower``), L2-normalised. Loss: ``SigLIPLoss``
+with learnable temperature and bias, computed ring-wise over the data-parallel group (the global
+batch's pairs, never its ``B × B`` logits at once). The loss's ``t`` and ``b`` are parameters of
+the model, so DDP, the optimiser and checkpoints handle them like any weight.
+
+Schedules (all functions of the step, so a resumed run applies the same ones):
+
+* **text tower frozen, then unfrozen** at ``unfreeze_text_at``: its parameters stay in DDP and
+  the optimiser in their own group (``optimizer_overrides``); while frozen the tower runs under
+  ``no_grad`` (no gradient reaches it, its grad buffer stays zero) and that group's learning rate
+  is set to 0 before every step (so weight decay and Adam's moments cannot move it either);
+* **resolution** ``data.max_pixels_schedule`` (336² -> 448²): the loader switches its resize
+  policy at the step boundary, the pack size stays fixed;
+* **text context** ``context_schedule`` (64 -> 256): the position table is allocated at the
+  longest context from the start; rows are padded to the current context, and at the switch the
+  trained rows are stretched in place over the longer context (``stretch_position_embeddings``),
+  then the optimiser's main copy is refreshed — parameters are never replaced, so DDP buffers and
+  optimiser state stay valid.
+
+Pipeline parallelism: the text tower, MAP head and loss live on the **last** pipeline stage next
+to the encoder's final layers (the tower is small next to the ViT and its embeddings are needed
+only by the loss); the first stage embeds patches, middle stages pass hidden states. Captions are
+tokenised on the last stage only.
+
+Evaluation (``eval_data_dir``): image -> text and text -> image recall@1/5/10 over a held-out
+split, and zero-shot classification of the images holding a single shape into the synthetic
+"colour shape" classes. Logged: ``loss``, ``logit_scale`` (t), ``logit_bias`` (b), throughput.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.module import MegatronModule
+
+from megatron_finevit.config.loader import from_dict
+from megatron_finevit.config.train import TrainConfig
+from megatron_finevit.training.stages.vision import DataSection, VisionStage, transformer_flops
+
+
+@dataclass
+class ContrastiveStageConfig:
+    vit: str = "tiny_vit"
+    vit_overrides: dict = field(default_factory=dict)
+    text: str = "tiny_text"                   # preset of config/text.py
+    text_overrides: dict = field(default_factory=dict)
+    tokenizer: str = ""                       # SentencePiece .model file
+    lowercase: bool = False
+    context_length: int = 64                  # text tokens per caption at step 0
+    context_schedule: list = field(default_factory=list)  # [[step, length], ...] (64 -> 256)
+    unfreeze_text_at: int | None = 0          # step the text tower starts training (None: never)
+    # SigLIP's initial log-temperature / bias (log 10, −10: made for batches of thousands; a
+    # tiny batch needs a bias near 0, else negatives exert no force at the start and the
+    # embeddings collapse onto one direction)
+    init_logit_scale: float = 2.302585092994046
+    init_logit_bias: float = -10.0
+    eval_data_dir: str | None = None          # held-out indexed shards for evaluate()
+    data: DataSection = field(default_factory=DataSection)
+
+
+def _current(schedule: list[tuple[int, int]], step: int) -> int:
+    return [value for start, value in schedule if start <= step][-1]
+
+
+class ContrastiveModel(MegatronModule):
+    """FineViT (+ MAP head, text tower and SigLIP loss on the last pipeline stage).
+
+    ``forward(inp, text_ids [b, s])`` -> the loss of this rank (last stage) or hidden states;
+    with ``embeddings=True`` -> ``{"image": [n, d], "text": [n, d]}`` unit vectors."""
+
+    def __init__(self, vit, config, text, text_config, pre_process: bool, post_process: bool,
+                 init_logit_scale: float, init_logit_bias: float):
+        super().__init__(config=config)
+        from megatron_finevit.losses import SigLIPLoss
+        from megatron_finevit.models.heads import MAPHead
+        from megatron_finevit.models.text_tower import build_text_tower
+        from megatron_finevit.models.vit import FineViTModel
+
+        self.encoder = FineViTModel(vit, config, pre_process, post_process)
+        self.model_type = self.encoder.model_type
+        self.share_embeddings_and_output_weights = False
+        self.pre_process, self.post_process = pre_process, post_process
+        self.text_trainable = True
+        if post_process:
+            self.map_head = MAPHead(config, text.projection_size)
+            self.text_tower = build_text_tower(text, text_config)
+            self.siglip = SigLIPLoss(init_logit_scale, init_logit_bias)
+
+    def set_input_tensor(self, input_tensor) -> None:
+        self.encoder.set_input_tensor(input_tensor)
+
+    def set_text_trainable(self, trainable: bool) -> None:
+        # Parameters keep requires_grad: megatron DDP's gradient hooks sit on their autograd
+        # accumulators, which toggling requires_grad can replace (the tower would then never
+        # train again). The frozen tower runs under no_grad instead, so no gradient reaches it.
+        self.text_trainable = trainable
+
+    def forward(self, inp, text_ids=None, embeddings: bool = False):
+        from megatron.core import parallel_state as ps
+
+        hidden = self.encoder(**inp.model_inputs())
+        if not self.post_process:
+            return hidden
+        real = inp.gather_output(hidden, ps.get_context_parallel_group())
+        image = F.normalize(self.map_head(real, inp.cu_seqlens[:inp.grids.shape[0] + 1]), dim=-1)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.text_trainable):
+            text = F.normalize(self.text_tower(text_ids), dim=-1)
+        if embeddings:
+            return {"image": image, "text": text}
+        return self.siglip(image, text, ps.get_data_parallel_group())
+
+
+class ContrastiveStage(VisionStage):
+    name = "contrastive"
+
+    def __init__(self, run: TrainConfig):
+        from megatron_finevit.config.text import text_preset
+
+        cfg = from_dict(ContrastiveStageConfig, run.stage_config, "stage_config.")
+        super().__init__(run, cfg)
+        from dataclasses import replace
+
+        self.contexts = [(0, cfg.context_length)] + [(int(s), int(n))
+                                                     for s, n in cfg.context_schedule]
+        lengths = [n for _, n in self.contexts]
+        if lengths != sorted(lengths) or [s for s, _ in self.contexts] != sorted(
+                {s for s, _ in self.contexts}):
+            raise ValueError(f"stage_config.context_schedule must raise the context at increasing "
+                             f"steps, got {self.contexts}")
+        self.text = replace(text_preset(cfg.text), **cfg.text_overrides,
+                            max_position_embeddings=max(lengths))
+        self.text.validate(run.parallel.tensor_parallel)
+        if not cfg.tokenizer:
+            raise ValueError("stage_config.tokenizer must name a SentencePiece .model file "
+                             "(tools/train_caption_tokenizer.py makes one for synthetic data)")
+        self._tokenizer = None
+        self.module: ContrastiveModel | None = None
+
+    # --- text -----------------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from megatron_finevit.data.tokenizers import SentencePieceTokenizer
+
+            self._tokenizer = SentencePieceTokenizer(self.cfg.tokenizer,
+                                                     lowercase=self.cfg.lowercase)
+            if self._tokenizer.vocab_size > self.text.vocab_size:
+                raise ValueError(f"tokenizer {self.cfg.tokenizer} has {self._tokenizer.vocab_size}"
+                                 f" pieces, more than the text tower's vocab_size "
+                                 f"{self.text.vocab_size}")
+        return self._tokenizer
+
+    def context_at(self, step: int) -> int:
+        return _current(self.contexts, step)
+
+    def text_trainable_at(self, step: int) -> bool:
+        from megatron_finevit.models.text_tower import text_tower_trainable
+
+        return text_tower_trainable(step, self.cfg.unfreeze_text_at)
+
+    def tokenize(self, captions: list[str], step: int) -> torch.Tensor:
+        ids, _ = self.tokenizer.encode(captions, self.context_at(step))
+        return ids.cuda() if torch.cuda.is_available() else ids
+
+    # --- the stage interface --------------------------------------------------------------------
+
+    def build_model(self, pre_process: bool, post_process: bool):
+        config = self.transformer_config()
+        p = self.run.parallel
+        text_config = self.text.to_transformer_config(
+            tensor_parallel=p.tensor_parallel, sequence_parallel=p.sequence_parallel,
+            params_dtype=config.params_dtype)
+        self.module = ContrastiveModel(self.vit, config, self.text, text_config, pre_process,
+                                       post_process, self.cfg.init_logit_scale,
+                                       self.cfg.init_logit_bias)
+        return self.module
+
+    def build_data(self, dp_rank: int, dp_size: int):
+        from megatron.core import parallel_state as ps
+
+        self.loader = self.make_loader(self.cfg.data.dir, dp_rank, dp_size,
+                                       decode_pixels=ps.is_pipeline_first_stage())
+        return self.loader
+
+    def forward_step(self, batch, model):
+        inp = self.encoder_input(batch)
+        if torch.cuda.is_available():
+            inp.patches = inp.patches.cuda()
+        text_ids = self.tokenize(batch.captions, self.step) if self.module.post_process else None
+        output = model(inp, text_ids)
+
+        def loss_fn(loss):
+            metrics = {"loss": loss.detach().clone()}
+            siglip = self.module.siglip
+            metrics["logit_scale"] = siglip.logit_scale.detach().exp().reshape(())
+            metrics["logit_bias"] = siglip.logit_bias.detach().reshape(())
+            return loss * inp.cp_loss_scale, metrics
+
+        return output, loss_fn
+
+    def work(self, batch) -> tuple[float, float, float]:
+        t = self.text
+        text_params = t.num_layers * (4 * t.hidden_size ** 2 + 2 * t.hidden_size
+                                      * t.ffn_hidden_size) + t.hidden_size * t.projection_size
+        context = self.context_at(self.step)
+        text = transformer_flops(text_params, [context] * batch.num_images, t.num_layers,
+                                 t.hidden_size)
+        if not self.text_trainable_at(self.step):
+            text /= 3.0  # forward only
+        return float(batch.num_images), float(sum(batch.image_tokens)), self.vit_flops(batch) + text
+
+    def optimizer_overrides(self) -> dict:
+        from megatron.core.optimizer import ParamKey
+
+        from megatron_finevit.models.text_tower import TEXT_TOWER_PARAM_ATTR
+
+        # Its own group, marked so on_step can find it (group keys survive megatron's wrappers).
+        return {ParamKey(attr=TEXT_TOWER_PARAM_ATTR): {"text_tower_group": True}}
+
+    def on_step(self, step: int, model_chunks: list, optimizer) -> None:
+        super().on_step(step, model_chunks, optimizer)
+        trainable = self.text_trainable_at(step)
+        self.module.set_text_trainable(trainable)
+        if not trainable:
+            for group in optimizer.param_groups:
+                if group.get("text_tower_group"):
+                    group["lr"] = 0.0
+        for start, length in self.contexts[1:]:
+            if step == start:
+                self._extend_context(self.context_at(step - 1), length, optimizer)
+
+    def _extend_context(self, old: int, new: int, optimizer) -> None:
+        """Stretch the trained first ``old`` position rows over ``new`` positions, in place."""
+        from megatron_finevit.models.text_tower import (
+            DEFAULT_KEEP_POSITIONS,
+            stretch_position_embeddings,
+        )
+
+        if self.module.post_process:
+            table = self.module.text_tower.embedding.position_embeddings.weight
+            with torch.no_grad():
+                table[:new].copy_(stretch_position_embeddings(
+                    table[:old], new, keep=min(DEFAULT_KEEP_POSITIONS, old - 2)))
+        optimizer.reload_model_params()  # collective over the DP group: every rank calls it
+
+    def evaluate(self, model_chunks: list) -> dict[str, float]:
+        if not self.cfg.eval_data_dir:
+            return {}
+        from megatron_finevit.training.stages.contrastive_eval import evaluate_contrastive
+
+        return evaluate_contrastive(self, model_chunks, self.cfg.eval_data_dir)

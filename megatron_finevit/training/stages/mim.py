@@ -1,0 +1,155 @@
+"""Stage I: masked image modelling against a frozen DINOv3 teacher (paper §3.2, Eq. 1).
+
+Each image of a pack gets 75% of its patches replaced by a learned mask token; the encoder's
+output at the masked positions goes through the MIM head (a linear map to the teacher's width)
+and regresses the teacher's features of the *unmasked* image:
+``L = Σ_{i∈M} ‖Φ(x)_i − T(x)_i‖² / |M|`` per pack (``losses.mim_loss``; target standardisation
+per token by default, ``normalize_target``).
+
+Placement. The mask token and patch embedding live on the first pipeline stage, the MIM head on
+the last; the teacher runs only on the last stage (it needs the decoded images, the first stage
+needs the patches, middle stages only the layout). The teacher is a transformers DINOv3 model
+loaded from ``stage_config.teacher_dir`` (never downloaded); it is not part of the megatron
+model, so DDP, the optimiser and checkpoints never see it. Under CP the loss is computed on the
+gathered pack on every CP rank and scaled by ``1/cp`` (``EncoderInput.gather_output``).
+
+Logged: ``loss`` (per masked token, summed over the teacher's features), ``masked_tokens`` per
+pack, and the trainer's throughput (images/s, tokens/s, TFLOP/s, MFU).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from megatron.core.transformer.module import MegatronModule
+
+from megatron_finevit.config.loader import from_dict
+from megatron_finevit.config.train import TrainConfig
+from megatron_finevit.training.stages.vision import DataSection, VisionStage
+
+
+@dataclass
+class MIMStageConfig:
+    vit: str = "tiny_vit"                 # preset of config/vit.py
+    vit_overrides: dict = field(default_factory=dict)
+    teacher_dir: str = ""                 # local transformers DINOv3 checkpoint directory
+    teacher_cache_dir: str | None = None  # zarr feature cache (TeacherFeatureCache), optional
+    mask_ratio: float = 0.75
+    normalize_target: bool = True
+    data: DataSection = field(default_factory=DataSection)
+
+
+def teacher_feature_dim(teacher_dir: str) -> int:
+    config = Path(teacher_dir) / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"stage_config.teacher_dir={teacher_dir} has no config.json: give "
+                                "a local DINOv3 checkpoint (tools/make_tiny_teacher.py makes a "
+                                "tiny random one for tests)")
+    return int(json.loads(config.read_text())["hidden_size"])
+
+
+class MIMModel(MegatronModule):
+    """FineViT with the mask token (first stage) and the MIM head (last stage).
+
+    ``forward(inp: EncoderInput, masked bool [t])`` -> on the last stage the predictions for the
+    real tokens of the whole pack ``[N, teacher_dim]``; elsewhere the encoder's hidden states."""
+
+    def __init__(self, vit, config, teacher_dim: int, pre_process: bool, post_process: bool):
+        super().__init__(config=config)
+        from megatron_finevit.models.heads import MIMHead
+        from megatron_finevit.models.vit import FineViTModel
+
+        self.encoder = FineViTModel(vit, config, pre_process, post_process, mask_token=True)
+        self.model_type = self.encoder.model_type
+        self.share_embeddings_and_output_weights = False
+        self.pre_process, self.post_process = pre_process, post_process
+        if post_process:
+            self.head = MIMHead(config, teacher_dim)
+
+    def set_input_tensor(self, input_tensor) -> None:
+        self.encoder.set_input_tensor(input_tensor)
+
+    def forward(self, inp, masked):
+        from megatron.core import parallel_state
+
+        hidden = self.encoder(**inp.model_inputs(), masked=masked)
+        if not self.post_process:
+            return hidden
+        return self.head(inp.gather_output(hidden, parallel_state.get_context_parallel_group()))
+
+
+class MIMStage(VisionStage):
+    name = "mim"
+
+    def __init__(self, run: TrainConfig):
+        cfg = from_dict(MIMStageConfig, run.stage_config, "stage_config.")
+        if not 0.0 < cfg.mask_ratio < 1.0:
+            raise ValueError(f"stage_config.mask_ratio={cfg.mask_ratio} must be in (0, 1)")
+        super().__init__(run, cfg)
+        self.teacher_dim = teacher_feature_dim(cfg.teacher_dir)
+        self.teacher = None
+        self.cache = None
+
+    def build_model(self, pre_process: bool, post_process: bool):
+        if post_process:
+            self._load_teacher()
+        return MIMModel(self.vit, self.transformer_config(), self.teacher_dim, pre_process,
+                        post_process)
+
+    def _load_teacher(self) -> None:
+        from megatron_finevit.models.teacher import DINOv3Teacher, TeacherFeatureCache
+
+        device = torch.cuda.current_device() if torch.cuda.is_available() else None
+        self.teacher = DINOv3Teacher.from_pretrained(self.cfg.teacher_dir, device=device)
+        if self.cfg.teacher_cache_dir:
+            self.cache = TeacherFeatureCache(self.cfg.teacher_cache_dir,
+                                             self.teacher.cache_signature())
+
+    def build_data(self, dp_rank: int, dp_size: int):
+        from megatron.core import parallel_state as ps
+
+        # Pixels: the first stage embeds them, the last feeds them to the teacher.
+        need_pixels = ps.is_pipeline_first_stage() or ps.is_pipeline_last_stage()
+        self.loader = self.make_loader(self.cfg.data.dir, dp_rank, dp_size, need_pixels,
+                                       mask_ratio=self.cfg.mask_ratio)
+        return self.loader
+
+    def teacher_targets(self, batch) -> torch.Tensor:
+        """``[N, teacher_dim]`` teacher features of the pack's real tokens, in pack order."""
+        if self.cache is not None:
+            features = self.teacher.cached_features(batch.images, batch.keys, self.cache)
+        else:
+            features = self.teacher.features(batch.images)
+        return torch.cat(features)
+
+    def forward_step(self, batch, model):
+        from megatron_finevit.losses import mim_loss
+
+        inp = self.encoder_input(batch)
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        inp.patches = inp.patches.to(device)
+        masked = inp.to_local(batch.mim_mask, fill=False).to(device)
+        output = model(inp, masked)
+        targets = self.teacher_targets(batch) if self.teacher is not None else None
+        mask = batch.mim_mask.to(device)
+
+        def loss_fn(predictions):
+            out = mim_loss(predictions, targets.to(predictions.device), mask,
+                           normalize_target=self.cfg.normalize_target)
+            loss = out.loss / out.num_masked.clamp(min=1) * inp.cp_loss_scale
+            return loss, {"loss": out.mean_per_token.detach().clone(),
+                          "masked_tokens": out.num_masked.float()}
+
+        return output, loss_fn
+
+    def work(self, batch) -> tuple[float, float, float]:
+        return float(batch.num_images), float(sum(batch.image_tokens)), self.vit_flops(batch)
+
+    def optimizer_overrides(self) -> dict:
+        return {}
+
+    def evaluate(self, model_chunks: list) -> dict[str, float]:
+        return {}

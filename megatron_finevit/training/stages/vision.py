@@ -1,0 +1,119 @@
+"""What the FineViT stages share: the encoder's config at the run's parallel layout, the packed
+image loader for a data-parallel rank, a pack's encoder input for this (CP, TP) rank, and the
+FLOP count of a pack.
+
+FLOPs (forward + backward = 3× forward, matmuls only): per image of ``n`` tokens,
+``2 · params · n`` for the weights and ``4 · n² · h`` per layer for the attention scores and
+their weighted sum; each image attends only to itself, so the quadratic term is per image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from megatron_finevit.config.train import TrainConfig
+from megatron_finevit.config.vit import FineViTConfig, vit_preset
+from megatron_finevit.data.loader import PackedImageBatch, PackedImageLoader
+from megatron_finevit.data.resize import DEFAULT_MIN_PIXELS, ResizePolicy
+
+
+@dataclass
+class DataSection:
+    """Where the images come from and how they are packed."""
+
+    dir: str = ""                      # shard directory with index.zarr (tools/build_index.py)
+    pack_tokens: int = 1024            # ViT tokens per micro-batch (one pack), fixed
+    min_pixels: int = DEFAULT_MIN_PIXELS
+    max_pixels: int = 256 * 256
+    # [[step, max_pixels], ...]: raise the resolution at these steps (Stage II: 336² -> 448²)
+    max_pixels_schedule: list = field(default_factory=list)
+    buffer_size: int = 512             # samples packed together by first-fit-decreasing
+    min_fill: float = 0.9
+    decoder: str = "pil"
+    use_draft: bool = False            # faster reduced-scale JPEG decode
+
+
+def transformer_flops(params: int, lengths: list[int], num_layers: int, hidden: int) -> float:
+    """Forward + backward matmul FLOPs of a transformer over independent sequences."""
+    tokens = sum(lengths)
+    attention = sum(4 * n * n * hidden * num_layers for n in lengths)
+    return 3.0 * (2.0 * params * tokens + attention)
+
+
+class VisionStage:
+    """Base of the stages that train FineViT on packed images (not a stage by itself)."""
+
+    name = "vision"
+
+    def __init__(self, run: TrainConfig, cfg):
+        self.run, self.cfg = run, cfg
+        self.vit: FineViTConfig = vit_preset(cfg.vit, **cfg.vit_overrides)
+        p = run.parallel
+        self.vit.validate(p.tensor_parallel, p.pipeline_parallel, p.context_parallel)
+        if not cfg.data.dir:
+            raise ValueError("stage_config.data.dir must name an indexed shard directory")
+        multiple = 2 * p.context_parallel * (p.tensor_parallel if p.sequence_parallel else 1)
+        if cfg.data.pack_tokens % multiple:
+            raise ValueError(f"stage_config.data.pack_tokens={cfg.data.pack_tokens} must be a "
+                             f"multiple of {multiple} (2·cp·sp) for this layout")
+        self.step = 0
+        self.loader: PackedImageLoader | None = None
+
+    # --- model shapes -------------------------------------------------------------------------
+
+    def model_dims(self) -> dict[str, int]:
+        return {"num_attention_heads": self.vit.num_attention_heads,
+                "num_query_groups": self.vit.num_attention_heads,
+                "num_layers": self.vit.num_layers}
+
+    def transformer_config(self):
+        p = self.run.parallel
+        dtype = torch.bfloat16 if self.run.precision == "bf16" or (
+            self.run.precision == "auto" and torch.cuda.is_available()) else torch.float32
+        return self.vit.to_transformer_config(
+            tensor_parallel=p.tensor_parallel, pipeline_parallel=p.pipeline_parallel,
+            context_parallel=p.context_parallel, sequence_parallel=p.sequence_parallel,
+            params_dtype=dtype)
+
+    def sequence_shape(self) -> tuple[int, int]:
+        return self.cfg.data.pack_tokens, 1
+
+    # --- data ---------------------------------------------------------------------------------
+
+    def phases(self) -> list[tuple[int, ResizePolicy]]:
+        d = self.cfg.data
+        schedule = [(0, d.max_pixels)] + [(int(s), int(m)) for s, m in d.max_pixels_schedule]
+        return [(step, ResizePolicy(min_pixels=d.min_pixels, max_pixels=pixels))
+                for step, pixels in schedule]
+
+    def make_loader(self, data_dir: str, dp_rank: int, dp_size: int, decode_pixels: bool,
+                    mask_ratio: float | None = None, seed: int | None = None) -> PackedImageLoader:
+        d = self.cfg.data
+        return PackedImageLoader(
+            data_dir, self.phases(), d.pack_tokens, dp_rank=dp_rank, dp_size=dp_size,
+            seed=self.run.seed if seed is None else seed, buffer_size=d.buffer_size,
+            min_fill=d.min_fill, mask_ratio=mask_ratio, decode_pixels=decode_pixels,
+            decoder=d.decoder, use_draft=d.use_draft)
+
+    def encoder_input(self, batch: PackedImageBatch):
+        """The pack laid out for this rank (CP chunks, SP split, fixed size)."""
+        from megatron.core import parallel_state as ps
+
+        from megatron_finevit.models.vit import prepare_encoder_input
+
+        p = self.run.parallel
+        return prepare_encoder_input(
+            batch.packed, cp_size=p.context_parallel, cp_rank=ps.get_context_parallel_rank(),
+            sp_size=p.tensor_parallel if p.sequence_parallel else 1,
+            total_tokens=self.cfg.data.pack_tokens)
+
+    def vit_flops(self, batch: PackedImageBatch) -> float:
+        return transformer_flops(self.vit.num_parameters(), batch.image_tokens,
+                                 self.vit.num_layers, self.vit.hidden_size)
+
+    def on_step(self, step: int, model_chunks: list, optimizer) -> None:
+        self.step = step
+        if self.loader is not None:
+            self.loader.set_step(step)
