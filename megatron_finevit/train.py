@@ -12,12 +12,24 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 
 from megatron_finevit.config.loader import ConfigError, load_config
 from megatron_finevit.config.train import TrainConfig
 
 
 EXIT_STOPPED_BY_SIGNAL = 3
+
+
+def quiet_third_party_logs() -> None:
+    """megatron-core logs every parameter of every bucket at INFO, and warns at import about the
+    missing Apex/TransformerEngine fused kernels (expected on CPU): keep the run log readable."""
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    for message in (".*Apex is not installed.*", ".*Transformer Engine and Apex are not installed.*",
+                    ".*Please use DTensor instead.*", ".*argument order of load has been changed.*",
+                    ".*torch.distributed is disabled.*",
+                    ".*is deprecated. Please use `torch.distributed.*"):
+        warnings.filterwarnings("ignore", message=message)
 
 
 def parse_args(argv=None):
@@ -31,6 +43,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_third_party_logs()
     try:
         cfg = load_config(TrainConfig, args.config, args.overrides)
         cfg.validate()
