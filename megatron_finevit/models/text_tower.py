@@ -176,6 +176,40 @@ class SigLIPTextTower(MegatronModule):
             param.requires_grad_(trainable)
 
 
+def load_tower_weights(tower: SigLIPTextTower, ckpt_dir: str) -> int:
+    """Initialise ``tower`` from a megatron checkpoint of a text tower (what
+    ``tools/convert_checkpoint.py hf-to-mcore --model siglip2-text`` writes), at any TP.
+
+    A stored position table shorter than the tower's (SigLIP2's 64 rows into a tower allocated
+    for the 256 of a context schedule) fills the first rows; the rest are overwritten when the
+    schedule stretches the context. Returns the number of stored position rows.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from megatron_finevit.convert.mcore_io import MegatronCheckpointReader
+
+    template = tower.sharded_state_dict()
+    key = "embedding.position_embeddings.weight"
+    table = tower.embedding.position_embeddings.weight
+    rows = MegatronCheckpointReader(ckpt_dir).shape(template[key].key)[0]
+    if rows > table.shape[0]:
+        raise ValueError(f"{ckpt_dir} has {rows} text positions, more than the tower's "
+                         f"{table.shape[0]}: raise the context (max_position_embeddings)")
+    template[key] = ShardedTensor.from_rank_offsets(
+        template[key].key, torch.empty(rows, table.shape[1], dtype=table.dtype),
+        replica_id=template[key].replica_id)
+    loaded = dist_checkpointing.load(template, ckpt_dir)
+    positions = loaded.pop(key)
+    missing, unexpected = tower.load_state_dict(loaded, strict=False)
+    if unexpected or set(missing) != {key}:
+        raise RuntimeError(f"{ckpt_dir} does not hold this text tower: missing {missing}, "
+                           f"unexpected {unexpected}")
+    with torch.no_grad():
+        table[:rows].copy_(positions)
+    return rows
+
+
 def build_text_tower(text: SigLIP2TextConfig, config) -> SigLIPTextTower:
     """The tower for ``text`` with megatron config ``config`` (checks they describe one model)."""
     pairs = {"num_layers": text.num_layers, "hidden_size": text.hidden_size,

@@ -97,3 +97,36 @@ def test_evaluate_cli_matches_training_evaluation(results, tmp_path):
     assert cli["num_images"] == n and not any(k.startswith("zero_shot") for k in cli)
     for key in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"):
         assert cli[key] == pytest.approx(trained[key], abs=2.5 / n)  # DP=1 vs 2: float-level ties
+
+
+def text_init_world(rank, world_size, assets, ckpt_dir):
+    """A converted text tower (24 positions) initialises the stage's tower (32 positions)."""
+    from megatron_finevit.config.text import tiny_text
+    from megatron_finevit.convert.mcore_io import save_model_checkpoint
+    from megatron_finevit.models.text_tower import build_text_tower
+    from megatron_finevit.platform import ParallelConfig, init_parallel
+    from megatron_finevit.training.stages.contrastive import ContrastiveStage
+
+    init_parallel(ParallelConfig())
+    torch.manual_seed(7)
+    text = tiny_text(vocab_size=128, num_layers=1, max_position_embeddings=24, init_std=0.125)
+    source = build_text_tower(text, text.to_transformer_config())
+    os.makedirs(ckpt_dir, exist_ok=True)
+    save_model_checkpoint(source, ckpt_dir)
+    cfg = _cfg(assets)
+    cfg.stage_config["text_init_dir"] = ckpt_dir
+    stage = ContrastiveStage(cfg)
+    tower = stage.build_model(pre_process=True, post_process=True).text_tower
+    target = dict(tower.named_parameters())
+    diffs = {}
+    for name, param in source.named_parameters():
+        mine = target[name][:24] if "position_embeddings" in name else target[name]
+        diffs[name] = (mine - param).abs().max().item()
+    return {"diffs": diffs, "positions": target["embedding.position_embeddings.weight"].shape[0]}
+
+
+def test_text_tower_initialised_from_converted_weights(results, tmp_path):
+    assets = results[0]
+    (result,) = run_world(text_init_world, 1, args=(assets, str(tmp_path / "tower")))
+    assert result["positions"] == 32
+    assert result["diffs"] and max(result["diffs"].values()) == 0.0, result["diffs"]

@@ -49,6 +49,7 @@ class ContrastiveStageConfig:
     vit_overrides: dict = field(default_factory=dict)
     text: str = "tiny_text"                   # preset of config/text.py
     text_overrides: dict = field(default_factory=dict)
+    text_init_dir: str | None = None          # converted SigLIP2 text weights (hf-to-mcore)
     tokenizer: str = ""                       # SentencePiece .model file
     lowercase: bool = False
     context_length: int = 64                  # text tokens per caption at step 0
@@ -179,6 +180,10 @@ class ContrastiveStage(VisionStage):
         self.module = ContrastiveModel(self.vit, config, self.text, text_config, pre_process,
                                        post_process, self.cfg.init_logit_scale,
                                        self.cfg.init_logit_bias)
+        if self.cfg.text_init_dir and post_process:
+            from megatron_finevit.models.text_tower import load_tower_weights
+
+            load_tower_weights(self.module.text_tower, self.cfg.text_init_dir)
         return self.module
 
     def build_data(self, dp_rank: int, dp_size: int):
