@@ -44,20 +44,30 @@ def test_probe_results_are_right(report):
 
 
 def test_apply_is_idempotent_and_reversible():
-    original = torch.cuda.current_device
-    first = compat.apply_cpu_compat(force=True)
-    patched = torch.cuda.current_device
-    second = compat.apply_cpu_compat(force=True)
-    assert first == second == [s.name for s in compat.SHIMS]
-    assert torch.cuda.current_device is patched  # not wrapped twice
+    was_applied = [shim.name for shim in compat.SHIMS if shim.applied]  # other in-process tests
     compat.remove_cpu_compat()
-    assert torch.cuda.current_device is original
+    try:
+        original = torch.cuda.current_device
+        first = compat.apply_cpu_compat(force=True)
+        patched = torch.cuda.current_device
+        second = compat.apply_cpu_compat(force=True)
+        assert first == second == [s.name for s in compat.SHIMS]
+        assert patched is not original
+        assert torch.cuda.current_device is patched  # not wrapped twice
+        compat.remove_cpu_compat()
+        assert torch.cuda.current_device is original
+    finally:
+        compat.remove_cpu_compat()
+        for shim in compat.SHIMS:
+            if shim.name in was_applied:
+                shim.apply()
 
 
 def test_noop_when_cuda_present(monkeypatch):
+    before = [shim.applied for shim in compat.SHIMS]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert compat.apply_cpu_compat() == []
-    assert not any(shim.applied for shim in compat.SHIMS)
+    assert [shim.applied for shim in compat.SHIMS] == before
 
 
 def test_unknown_shim_name_is_an_error():
