@@ -15,6 +15,7 @@ complete; a failure leaves nothing behind. Runs in one process on CPU or GPU hos
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -22,20 +23,29 @@ import sys
 from megatron_finevit.convert.registry import CONVERTERS, ConversionError
 
 
+# Where each model's presets and config class live, for --preset / --config.
+_CONFIGS = {
+    "qwen3": ("megatron_finevit.config.llm", "qwen3_preset", "Qwen3Config"),
+    "siglip2-text": ("megatron_finevit.config.text", "text_preset", "SigLIP2TextConfig"),
+    "finevit": ("megatron_finevit.config.vit", "vit_preset", "FineViTConfig"),
+}
+
+
 def _config_override(args):
-    """--preset / --config for megatron checkpoints that carry no model_config.json."""
+    """--preset / --config for megatron checkpoints that carry no model_config.json (e.g. a
+    trainer's checkpoint)."""
     if args.preset and args.config:
         raise SystemExit("give at most one of --preset and --config")
-    if args.model != "qwen3" and (args.preset or args.config):
-        raise SystemExit("--preset/--config are implemented for --model qwen3")
-    from megatron_finevit.config.llm import Qwen3Config, qwen3_preset
-
+    if not (args.preset or args.config):
+        return None
+    if args.model not in _CONFIGS:
+        raise SystemExit(f"--preset/--config are implemented for {sorted(_CONFIGS)}")
+    module_name, preset_fn, config_class = _CONFIGS[args.model]
+    module = importlib.import_module(module_name)
     if args.preset:
-        return qwen3_preset(args.preset)
-    if args.config:
-        with open(args.config) as f:
-            return Qwen3Config.from_dict(json.load(f))
-    return None
+        return getattr(module, preset_fn)(args.preset)
+    with open(args.config) as f:
+        return getattr(module, config_class).from_dict(json.load(f))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     to_hf.add_argument("--preset", help="model preset, e.g. qwen3_8b (if no model_config.json)")
     to_hf.add_argument("--config", help="model config JSON (if no model_config.json)")
     to_hf.add_argument("--max-shard-gb", type=float, default=4.0, help="safetensors shard size")
+    to_hf.add_argument("--megatron-prefix", default="",
+                       help='key prefix of the model inside the checkpoint, e.g. "encoder." for '
+                            "the FineViT of a Stage I/II trainer checkpoint")
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -78,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                                      config=_config_override(args), dtype=parse_dtype(args.dtype),
                                      tokenizer_dir=args.tokenizer_dir,
                                      max_shard_bytes=int(args.max_shard_gb * 2**30),
+                                     megatron_prefix=args.megatron_prefix,
                                      overwrite=args.overwrite, progress=not args.no_progress)
     except (ConversionError, FileNotFoundError, FileExistsError, NotImplementedError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -108,8 +108,11 @@ class MegatronCheckpointReader:
     layer of memory. No process group is needed.
     """
 
-    def __init__(self, ckpt_dir: str | os.PathLike):
+    def __init__(self, ckpt_dir: str | os.PathLike, prefix: str = ""):
+        """``prefix``: read the model stored under this key prefix (e.g. ``"encoder."`` for the
+        FineViT inside a Stage I/II checkpoint); keys are reported without it."""
         self.dir = str(ckpt_dir)
+        self.prefix = prefix
         if not os.path.isfile(os.path.join(self.dir, "metadata.json")):
             raise FileNotFoundError(f"{self.dir} is not a megatron dist_checkpointing directory "
                                     "(no metadata.json)")
@@ -117,7 +120,8 @@ class MegatronCheckpointReader:
         if backend != "torch_dist":
             raise ValueError(f"{self.dir}: sharded_backend {backend!r}, expected 'torch_dist'")
         metadata = FileSystemReader(self.dir).read_metadata().state_dict_metadata
-        self._tensors = {k: v for k, v in metadata.items() if isinstance(v, TensorStorageMetadata)}
+        self._tensors = {k[len(prefix):]: v for k, v in metadata.items()
+                         if isinstance(v, TensorStorageMetadata) and k.startswith(prefix)}
 
     def keys(self) -> list[str]:
         return sorted(self._tensors)
@@ -147,8 +151,10 @@ class MegatronCheckpointReader:
         # no_dist: a read by this process alone, even inside a distributed job
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single")
-            dcp_load(buffers, storage_reader=FileSystemReader(self.dir),
-                     planner=_SliceLoadPlanner(offsets), no_dist=True)
+            dcp_load({self.prefix + k: v for k, v in buffers.items()},
+                     storage_reader=FileSystemReader(self.dir),
+                     planner=_SliceLoadPlanner({self.prefix + k: v for k, v in offsets.items()}),
+                     no_dist=True)
         return {(key, layer): buffers[key] if layer is None else buffers[key][0]
                 for key, layer in requests}
 

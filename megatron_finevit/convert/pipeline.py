@@ -194,10 +194,12 @@ def load_model_config(model: str, mcore_dir: str, config=None):
 def megatron_to_hf(model: str, mcore_dir: str, hf_dir: str, config=None,
                    dtype: torch.dtype | None = None, tokenizer_dir: str | None = None,
                    max_shard_bytes: int = 4 * 2**30, overwrite: bool = False,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, megatron_prefix: str = "") -> dict:
     """Export a megatron torch_dist checkpoint (saved at any TP / PP) as an HF directory:
     safetensors shards (+ index), ``config.json`` and, if ``tokenizer_dir`` is given, its
-    tokenizer files. Reads one layer at a time. Returns a summary."""
+    tokenizer files. Reads one layer at a time. ``megatron_prefix`` selects a model stored inside
+    a larger one (``"encoder."``: the FineViT of a Stage I/II trainer checkpoint). Returns a
+    summary."""
     from megatron_finevit.convert.mcore_io import MegatronCheckpointReader
 
     start = time.perf_counter()
@@ -209,7 +211,7 @@ def megatron_to_hf(model: str, mcore_dir: str, hf_dir: str, config=None,
         raise ConversionError(str(exc)) from exc
     mappings = converter.mappings(config)
     check_output_dir(hf_dir, overwrite)
-    reader = MegatronCheckpointReader(mcore_dir)
+    reader = MegatronCheckpointReader(mcore_dir, prefix=megatron_prefix)
     check_megatron_tensors(reader, mappings, config.num_layers, converter.megatron_roots)
     dtype = dtype or reader.dtype(mappings[0].megatron_key())
     groups: dict[int | None, list[ParamMapping]] = {}
