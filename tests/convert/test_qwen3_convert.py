@@ -184,7 +184,7 @@ def test_cli_refuses_to_overwrite(work, capsys):
 
 
 def test_cli_not_yet_available_model(tmp_path, capsys):
-    code = _tool_main("mcore-to-hf", "--model", "finevit", "--mcore-dir", str(tmp_path),
+    code = _tool_main("mcore-to-hf", "--model", "finevit-vl", "--mcore-dir", str(tmp_path),
                       "--hf-dir", str(tmp_path / "out"))
     assert code == 2 and "not available" in capsys.readouterr().err
 
