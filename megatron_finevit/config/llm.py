@@ -71,10 +71,7 @@ class Qwen3Config(DictConfig):
             problems.append(f"num_query_groups={self.num_query_groups} does not divide "
                             f"num_attention_heads={self.num_attention_heads}")
         problems += indivisible_by(self, tensor_parallel,
-                                   ("num_attention_heads", "num_query_groups"))
-        if self.ffn_hidden_size % tensor_parallel:
-            problems.append(f"tensor_parallel={tensor_parallel} does not divide "
-                            f"ffn_hidden_size={self.ffn_hidden_size}")
+                                   ("num_attention_heads", "num_query_groups", "ffn_hidden_size"))
         if self.padded_vocab_size % tensor_parallel:
             problems.append(f"tensor_parallel={tensor_parallel} does not divide the padded "
                             f"vocabulary {self.padded_vocab_size}")
