@@ -72,8 +72,10 @@ def build_model_chunks(stage, cfg: TrainConfig, bf16: bool) -> list:
 
 def _unwrap(chunk):
     """DDP (and Float16Module) → the stage's module, for checkpoints."""
+    from megatron.core.transformer.module import Float16Module
+
     module = chunk.module
-    return getattr(module, "module", module) if type(module).__name__ == "Float16Module" else module
+    return module.module if isinstance(module, Float16Module) else module
 
 
 def build_trainer(cfg: TrainConfig) -> "Trainer":
