@@ -67,7 +67,7 @@ def check_hf_tensors(reader: SafetensorsReader, plan, ignored: set[str]) -> None
 
 def _expected_megatron_shape(mapping: ParamMapping, num_layers: int) -> tuple[int, ...]:
     shape = mapping.megatron_shape()
-    return (num_layers, *shape) if mapping.per_layer else shape
+    return (mapping.layers(num_layers), *shape) if mapping.per_layer else shape
 
 
 def check_megatron_tensors(reader, mappings: list[ParamMapping], num_layers: int,

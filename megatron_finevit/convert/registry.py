@@ -54,6 +54,12 @@ class ParamMapping:
     hf: tuple[str, ...]
     hf_shapes: tuple[Shape, ...]
     tp_dim: int | None = None  # the dimension TP splits, None = replicated
+    # Depth of this mapping's layer stack; None = the model config's ``num_layers``. Set by
+    # composite converters (FineViT-VL has two stacks of different depth).
+    num_layers: int | None = None
+
+    def layers(self, default: int) -> int:
+        return default if self.num_layers is None else self.num_layers
 
     @property
     def per_layer(self) -> bool:
@@ -218,12 +224,14 @@ def get_converter(name: str) -> ModelConverter:
 
 
 def expand(mappings: Sequence[ParamMapping], num_layers: int):
-    """Yield (mapping, layer) for every tensor: per-layer mappings once per layer (layer-major,
-    so a converter streams one layer at a time), the others once with layer None."""
+    """Yield (mapping, layer) for every tensor: per-layer mappings once per layer of their stack
+    (``mapping.num_layers``, else ``num_layers``; layer-major, so a converter streams one layer
+    at a time), the others once with layer None."""
     for m in mappings:
         if not m.per_layer:
             yield m, None
-    for layer in range(num_layers):
+    depth = max((m.layers(num_layers) for m in mappings if m.per_layer), default=0)
+    for layer in range(depth):
         for m in mappings:
-            if m.per_layer:
+            if m.per_layer and layer < m.layers(num_layers):
                 yield m, layer

@@ -183,10 +183,10 @@ def test_cli_refuses_to_overwrite(work, capsys):
     assert code == 2 and "--overwrite" in capsys.readouterr().err
 
 
-def test_cli_not_yet_available_model(tmp_path, capsys):
+def test_cli_finevit_vl_without_model_config(tmp_path, capsys):
     code = _tool_main("mcore-to-hf", "--model", "finevit-vl", "--mcore-dir", str(tmp_path),
                       "--hf-dir", str(tmp_path / "out"))
-    assert code == 2 and "not available" in capsys.readouterr().err
+    assert code == 2 and "model_config.json not found" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("config, message", [
