@@ -4,7 +4,28 @@ Multi-rank tests use ``megatron_finevit.testing.multirank.run_world``; group sev
 one spawned world (module-scoped fixtures) so megatron's ~7 s import is paid once per world.
 """
 
+import importlib.util
 import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
 
 # Keep BLAS from oversubscribing the 2-core CI machine when ranks run side by side.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture
+def convert_tool():
+    """``tools/convert_checkpoint.py``'s ``main(argv) -> exit code``, run in this process (the
+    error paths and small exports need no subprocess)."""
+    spec = importlib.util.spec_from_file_location("convert_checkpoint",
+                                                  REPO / "tools" / "convert_checkpoint.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def run(*args: str) -> int:
+        return module.main(list(args))
+
+    return run

@@ -20,32 +20,32 @@ import json
 import logging
 import sys
 
-from megatron_finevit.convert.registry import CONVERTERS, ConversionError
+from megatron_finevit.convert.registry import CONVERTERS
 
 
-# Where each model's presets and config class live, for --preset / --config.
-_CONFIGS = {
-    "qwen3": ("megatron_finevit.config.llm", "qwen3_preset", "Qwen3Config"),
-    "siglip2-text": ("megatron_finevit.config.text", "text_preset", "SigLIP2TextConfig"),
-    "finevit": ("megatron_finevit.config.vit", "vit_preset", "FineViTConfig"),
+# Where each model's presets live, for --preset: (module, lookup function).
+_PRESETS = {
+    "qwen3": ("megatron_finevit.config.llm", "qwen3_preset"),
+    "siglip2-text": ("megatron_finevit.config.text", "text_preset"),
+    "finevit": ("megatron_finevit.config.vit", "vit_preset"),
+    "finevit-vl": ("megatron_finevit.config.vlm", "vl_preset"),
 }
 
 
 def _config_override(args):
     """--preset / --config for megatron checkpoints that carry no model_config.json (e.g. a
-    trainer's checkpoint)."""
+    trainer's checkpoint). --config takes the JSON of the model config's ``to_dict()``."""
+    from megatron_finevit.convert.registry import get_converter
+
     if args.preset and args.config:
         raise SystemExit("give at most one of --preset and --config")
-    if not (args.preset or args.config):
-        return None
-    if args.model not in _CONFIGS:
-        raise SystemExit(f"--preset/--config are implemented for {sorted(_CONFIGS)}")
-    module_name, preset_fn, config_class = _CONFIGS[args.model]
-    module = importlib.import_module(module_name)
     if args.preset:
-        return getattr(module, preset_fn)(args.preset)
-    with open(args.config) as f:
-        return getattr(module, config_class).from_dict(json.load(f))
+        module_name, lookup = _PRESETS[args.model]
+        return getattr(importlib.import_module(module_name), lookup)(args.preset)
+    if args.config:
+        with open(args.config) as f:
+            return get_converter(args.model).config_class.from_dict(json.load(f))
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,8 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     to_hf.add_argument("--mcore-dir", required=True)
     to_hf.add_argument("--hf-dir", required=True)
     to_hf.add_argument("--tokenizer-dir", help="copy tokenizer files from this directory")
-    to_hf.add_argument("--preset", help="model preset, e.g. qwen3_8b (if no model_config.json)")
-    to_hf.add_argument("--config", help="model config JSON (if no model_config.json)")
+    to_hf.add_argument("--preset", help="model preset, e.g. qwen3_8b or finevit_vl_8b (for "
+                                        "checkpoints without model_config.json)")
+    to_hf.add_argument("--config", help="model config JSON, as written in model_config.json's "
+                                        '"config" (for checkpoints without model_config.json)')
     to_hf.add_argument("--max-shard-gb", type=float, default=4.0, help="safetensors shard size")
     to_hf.add_argument("--megatron-prefix", default="",
                        help='key prefix of the model inside the checkpoint, e.g. "encoder." for '
@@ -93,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                                      max_shard_bytes=int(args.max_shard_gb * 2**30),
                                      megatron_prefix=args.megatron_prefix,
                                      overwrite=args.overwrite, progress=not args.no_progress)
-    except (ConversionError, FileNotFoundError, FileExistsError, NotImplementedError) as exc:
+    # ConversionError (a ValueError) names the tensor; other ValueErrors are bad presets/configs
+    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(summary))

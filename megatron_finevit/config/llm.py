@@ -75,9 +75,8 @@ class Qwen3Config(DictConfig):
         if self.padded_vocab_size % tensor_parallel:
             problems.append(f"tensor_parallel={tensor_parallel} does not divide the padded "
                             f"vocabulary {self.padded_vocab_size}")
-        if self.num_layers < pipeline_parallel:
-            problems.append(f"num_layers={self.num_layers} is fewer than pipeline_parallel="
-                            f"{pipeline_parallel} stages")
+        # megatron splits the layers evenly over the stages
+        problems += indivisible_by(self, pipeline_parallel, ("num_layers",), "pipeline_parallel")
         if self.head_dim % 2:
             problems.append(f"head_dim={self.head_dim} must be even for RoPE")
         if context_parallel < 1:

@@ -79,9 +79,8 @@ class FineViTConfig(DictConfig):
             problems.append(f"head_dim={self.head_dim} must be a multiple of 4 for 2D RoPE")
         problems += indivisible_by(self, tensor_parallel,
                                    ("num_attention_heads", "ffn_hidden_size"))
-        if self.num_layers < pipeline_parallel:
-            problems.append(f"num_layers={self.num_layers} is fewer than pipeline_parallel="
-                            f"{pipeline_parallel} stages")
+        # megatron splits the layers evenly over the stages
+        problems += indivisible_by(self, pipeline_parallel, ("num_layers",), "pipeline_parallel")
         if context_parallel < 1:
             problems.append(f"context_parallel={context_parallel} must be >= 1")
         if self.spec_backend not in SPEC_BACKENDS:

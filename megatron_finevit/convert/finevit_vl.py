@@ -12,7 +12,7 @@ import dataclasses
 
 import torch
 
-from megatron_finevit.config.vlm import FineViTVLConfig
+from megatron_finevit.config.vlm import QWEN_IMAGE_PAD_ID, FineViTVLConfig
 from megatron_finevit.convert.finevit import vit_config_from_hf, vit_hf_config, vit_mappings
 from megatron_finevit.convert.qwen3 import CONVERTER as QWEN3
 from megatron_finevit.convert.registry import (
@@ -61,13 +61,9 @@ class FineViTVLConverter:
         for key in ("vision_config", "text_config"):
             if not isinstance(hf.get(key), dict):
                 raise ConversionError(f"config.json lacks {key!r}")
-        config = FineViTVLConfig(vit=vit_config_from_hf(hf["vision_config"]),
-                                 llm=QWEN3.config_from_hf(hf["text_config"]),
-                                 image_token_id=hf.get("image_token_id",
-                                                       FineViTVLConfig.image_token_id))
-        if config.vit.merge_size != 2:
-            raise ConversionError(f"merge_size={config.vit.merge_size}: the projector is 2x2")
-        return config
+        return FineViTVLConfig(vit=vit_config_from_hf(hf["vision_config"]),
+                               llm=QWEN3.config_from_hf(hf["text_config"]),
+                               image_token_id=hf.get("image_token_id", QWEN_IMAGE_PAD_ID))
 
     def hf_config(self, config: FineViTVLConfig, dtype: torch.dtype) -> dict:
         text = {k: v for k, v in QWEN3.hf_config(config.llm, dtype).items()
@@ -93,9 +89,8 @@ class FineViTVLConverter:
 
     def transformer_config(self, config: FineViTVLConfig,
                            params_dtype: torch.dtype = torch.float32, **overrides):
-        """``(encoder TransformerConfig, language-model TransformerConfig)``."""
-        return (config.vit.to_transformer_config(params_dtype=params_dtype, **overrides),
-                config.llm.to_transformer_config(params_dtype=params_dtype, **overrides))
+        """``(encoder TransformerConfig, language-model TransformerConfig)`` at TP = PP = 1."""
+        return config.to_transformer_configs(params_dtype=params_dtype, **overrides)
 
     def build_model(self, config: FineViTVLConfig, transformer_config):
         from megatron_finevit.models.vlm import FineViTVLModel

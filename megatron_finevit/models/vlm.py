@@ -5,54 +5,103 @@ image, in pack order; their input embeddings are replaced by the projected image
 the language model runs on the result through ``GPTModel(decoder_input=...)``. This matches
 ``megatron_finevit.hf.FineViTVLForConditionalGeneration``.
 
-Limitation: built and tested at TP = 1, PP = 1 (the encoder output is used whole and the
-language model runs as a single stage); ``FineViTVLConfig.validate`` refuses other layouts.
+Parallel layout (``FineViTVLConfig.to_transformer_configs``):
+
+- tensor parallel: both towers and the projector are split; the projector's output and the LM's
+  embedding are whole on every TP rank, so the placeholders are filled in before any split;
+- sequence parallel: the encoder splits its tokens over TP (``prepare_encoder_input(sp_size=tp)``)
+  and gathers them back for the projector; the LM's embedding is built without its own scatter
+  and the filled-in embeddings are scattered here, as megatron's LLaVA does;
+- pipeline parallel: the encoder and projector live on the first stage with the LM's embedding
+  and first layers; later stages hold only LM layers (and the output layer on the last) and take
+  their input from megatron's schedule through ``set_input_tensor``.
 """
 
 from __future__ import annotations
 
 import torch
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_finevit.config.vlm import FineViTVLConfig
 from megatron_finevit.models.heads import MergeProjector
 from megatron_finevit.models.llm import build_qwen3
-from megatron_finevit.models.vit import FineViTModel
+from megatron_finevit.models.vit import FineViTModel, PackedImages, prepare_encoder_input
 
 
 class FineViTVLModel(MegatronModule):
-    """Submodules ``encoder`` (FineViTModel), ``projector`` (MergeProjector to the LLM hidden
-    size) and ``llm`` (Qwen3 GPTModel); their checkpoint keys are prefixed accordingly."""
+    """This pipeline stage's FineViT-VL: submodules ``encoder`` (FineViTModel) and ``projector``
+    (MergeProjector to the LM width) on the first stage, ``llm`` (Qwen3 GPTModel, this stage's
+    layers) everywhere; their checkpoint keys are prefixed accordingly.
 
-    def __init__(self, config: FineViTVLConfig, vit_transformer_config, llm_transformer_config):
+    ``vit_transformer_config`` / ``llm_transformer_config`` come from
+    ``FineViTVLConfig.to_transformer_configs``. ``pre_process`` / ``post_process`` default to
+    whether this rank is the first / last pipeline stage.
+    """
+
+    def __init__(self, config: FineViTVLConfig, vit_transformer_config, llm_transformer_config,
+                 pre_process: bool | None = None, post_process: bool | None = None):
         super().__init__(config=llm_transformer_config)
+        if vit_transformer_config.pipeline_model_parallel_size != 1:
+            raise ValueError("the FineViT-VL encoder is not pipelined: build its TransformerConfig "
+                             "with FineViTVLConfig.to_transformer_configs")
         self.vl_config = config
-        self.encoder = FineViTModel(config.vit, vit_transformer_config)
-        self.projector = MergeProjector(vit_transformer_config, config.llm.hidden_size,
-                                        config.vit.merge_size)
-        self.llm = build_qwen3(config.llm, llm_transformer_config)
+        self.pre_process = (parallel_state.is_pipeline_first_stage() if pre_process is None
+                            else pre_process)
+        self.post_process = (parallel_state.is_pipeline_last_stage() if post_process is None
+                             else post_process)
+        self.llm = build_qwen3(config.llm, llm_transformer_config, pre_process=self.pre_process,
+                               post_process=self.post_process,
+                               scatter_embedding_sequence_parallel=False)
+        # megatron's schedules and finalize_model_grads read these
+        self.model_type = self.llm.model_type
+        self.share_embeddings_and_output_weights = self.llm.share_embeddings_and_output_weights
+        if self.pre_process:
+            self.encoder = FineViTModel(config.vit, vit_transformer_config, pre_process=True,
+                                        post_process=True)
+            self.projector = MergeProjector(vit_transformer_config, config.llm.hidden_size,
+                                            config.vit.merge_size)
 
-    def image_features(self, encoder_input) -> torch.Tensor:
-        """``encoder_input`` from ``models.vit.prepare_encoder_input(pack_images(images))`` ->
-        ``[N / 4, llm hidden]``, one row per merge window in pack order."""
-        hidden = encoder_input.gather_output(self.encoder(**encoder_input.model_inputs()))
-        return self.projector(hidden)
+    def set_input_tensor(self, input_tensor) -> None:
+        """Stages after the first receive the LM's hidden states here (megatron's schedule)."""
+        self.llm.set_input_tensor(input_tensor)
 
-    def forward(self, encoder_input, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``input_ids`` / ``position_ids`` ``[B, S]`` -> logits ``[B, S, padded vocab]``
-        (causal attention when ``attention_mask`` is None)."""
+    def shared_embedding_or_output_weight(self) -> torch.Tensor | None:
+        """The tied embedding / output table on the first and last stage (megatron's
+        finalize_model_grads all-reduces its gradient between them)."""
+        return self.llm.shared_embedding_or_output_weight()
+
+    def image_features(self, images: PackedImages) -> torch.Tensor:
+        """The projected image tokens ``[N / 4, llm hidden]``, one row per merge window in pack
+        order (whole on every TP rank)."""
+        sp = self.encoder.config.sequence_parallel
+        layout = prepare_encoder_input(
+            images, sp_size=parallel_state.get_tensor_model_parallel_world_size() if sp else 1)
+        hidden = layout.gather_output(self.encoder(**layout.model_inputs()))  # [N, h]
+        return self.projector(hidden, layout.cu_seqlens[: images.num_images + 1])
+
+    def forward(self, images: PackedImages | None, input_ids: torch.Tensor,
+                position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """``input_ids`` / ``position_ids`` ``[B, S]`` (``S`` divisible by TP under sequence
+        parallelism) -> on the last stage, logits ``[B, S, padded vocab / TP]`` (vocab-parallel;
+        causal attention when ``attention_mask`` is None); on other stages, the hidden states for
+        the next one. ``images`` is read on the first stage only."""
+        if not self.pre_process:
+            return self.llm(input_ids, position_ids, attention_mask)
         embeds = self.llm.embedding(input_ids=input_ids, position_ids=position_ids)  # [S, B, H]
-        placeholders = (input_ids == self.vl_config.image_token_id).t()  # [S, B]
-        if encoder_input is not None:
-            features = self.image_features(encoder_input).to(embeds.dtype)
+        placeholders = input_ids == self.vl_config.image_token_id  # [B, S]
+        if images is not None:
+            features = self.image_features(images).to(embeds.dtype)
             if int(placeholders.sum()) != features.shape[0]:
                 raise ValueError(f"{int(placeholders.sum())} image tokens in input_ids but the "
                                  f"images give {features.shape[0]} features (one per 2x2 window)")
-            # [S, B] order: sequence-major; HF scatters batch-major, so go through [B, S].
+            # Placeholders are filled batch-major (as in HF), so go through [B, S, H].
             embeds = embeds.transpose(0, 1).clone()
-            embeds[placeholders.t()] = features
+            embeds[placeholders] = features
             embeds = embeds.transpose(0, 1).contiguous()
         elif placeholders.any():
             raise ValueError("input_ids contain image tokens but no image was given")
+        if self.llm.config.sequence_parallel:
+            embeds = tensor_parallel.scatter_to_sequence_parallel_region(embeds)  # [S / TP, B, H]
         return self.llm(input_ids, position_ids, attention_mask, decoder_input=embeds)

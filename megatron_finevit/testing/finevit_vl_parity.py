@@ -1,15 +1,19 @@
-"""FineViT-VL HF <-> megatron parity, the megatron side (one spawned rank).
+"""FineViT-VL HF <-> megatron parity, the megatron side (world functions for ``run_world``).
 
-``convert_world``: an HF ``save_pretrained`` directory -> megatron (``hf_to_megatron``) -> HF
-(``megatron_to_hf``); the converted megatron checkpoint is loaded into a fresh
-``FineViTVLModel``, which computes logits for one image and a prompt holding its placeholders.
+One image and a prompt holding its placeholders; every logits tensor returned here is the whole
+``[1, S, vocab_size]`` (TP gathered, padded vocabulary rows dropped) from the rank(s) holding the
+last pipeline stage, computed through megatron's forward-only schedule, so any layout — and the
+transformers export — compare row for row.
 """
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 
 from megatron_finevit.models.vit import pack_images
+from megatron_finevit.testing.qwen3_parity import Layout, forward_only
 
 SEED = 7
 IMAGE_TOKEN_ID = 5
@@ -21,9 +25,10 @@ def parity_image() -> torch.Tensor:
 
 
 def parity_prompt() -> torch.Tensor:
-    """``[1, S]``: text, one placeholder per 2×2 window of the image, text."""
+    """``[1, 16]``: text, one placeholder per 2×2 window of the image, text (16 tokens: the
+    sequence splits over 2 or 4 sequence-parallel ranks)."""
     windows = (IMAGE_SIZE[0] // 28) * (IMAGE_SIZE[1] // 28)
-    return torch.tensor([[1, 9, 3] + [IMAGE_TOKEN_ID] * windows + [11, 2, 17, 8]])
+    return torch.tensor([[1, 9, 3] + [IMAGE_TOKEN_ID] * windows + [11, 2, 17, 8, 4, 6, 10]])
 
 
 def hf_image_inputs() -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,29 +38,92 @@ def hf_image_inputs() -> tuple[torch.Tensor, torch.Tensor]:
     return packed.patches, grids
 
 
+def build_model(config, layout: Layout, perform_initialization: bool = True):
+    """This rank's ``FineViTVLModel`` at ``layout`` (megatron's groups set up here)."""
+    from megatron_finevit.models.vlm import FineViTVLModel
+    from megatron_finevit.platform import ParallelConfig, init_parallel, set_seed
+
+    assert layout.cp == 1, "FineViT-VL has no context parallelism"
+    init_parallel(ParallelConfig(tensor_parallel=layout.tp, pipeline_parallel=layout.pp,
+                                 sequence_parallel=layout.sp),
+                  num_attention_heads=config.llm.num_attention_heads,
+                  num_query_groups=config.llm.num_query_groups, num_layers=config.llm.num_layers)
+    set_seed(SEED)
+    vit_tc, llm_tc = config.to_transformer_configs(
+        layout.tp, layout.pp, layout.sp, perform_initialization=perform_initialization)
+    return FineViTVLModel(config, vit_tc, llm_tc)
+
+
+@torch.no_grad()
+def vl_logits(model, config) -> torch.Tensor | None:
+    """Logits ``[1, S, vocab_size]`` of ``parity_prompt`` with ``parity_image`` through megatron's
+    forward-only schedule (p2p between stages when PP > 1); None off the last stage."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    ids = parity_prompt()
+    positions = torch.arange(ids.shape[1])[None]
+    images = pack_images([parity_image()])
+    output = forward_only(model, lambda m: m(images, ids, positions), seq_length=ids.shape[1])
+    if output is None:
+        return None
+    logits = gather_from_tensor_model_parallel_region(output)  # [1, S, V_pad]
+    return logits[..., : config.llm.vocab_size]
+
+
+def perturb_norms(model) -> None:
+    """Norm weights to values in [0.5, 1.5], seeded by name: megatron initialises them to 1,
+    which would hide a swapped or dropped norm; TP replicas get the same values."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+                param.copy_(torch.rand(param.shape, generator=generator) + 0.5)
+
+
+# --- world functions ---------------------------------------------------------------------------
+
+
 def convert_world(rank: int, world_size: int, hf_dir: str, mcore_dir: str,
                   back_dir: str) -> dict:
-    from megatron.core import dist_checkpointing
-
+    """One rank: HF -> megatron (checked to split at TP 2 x PP 2) -> HF with the conversion
+    pipeline; the converted checkpoint's logits at TP = PP = 1."""
     from megatron_finevit.convert.pipeline import hf_to_megatron, load_model_config, megatron_to_hf
-    from megatron_finevit.convert.registry import get_converter
-    from megatron_finevit.models.vit import prepare_encoder_input
-    from megatron_finevit.platform import ParallelConfig, init_parallel
     from megatron_finevit.platform.parallel import destroy_parallel
+    from megatron_finevit.testing.qwen3_parity import load_checkpoint
 
     assert world_size == 1
-    hf_to_megatron("finevit-vl", hf_dir, mcore_dir, progress=False)
+    hf_to_megatron("finevit-vl", hf_dir, mcore_dir, 2, 2, progress=False)
     megatron_to_hf("finevit-vl", mcore_dir, back_dir, progress=False)
-
-    converter = get_converter("finevit-vl")
     config = load_model_config("finevit-vl", mcore_dir)
-    init_parallel(ParallelConfig())
-    model = converter.build_model(
-        config, converter.transformer_config(config, perform_initialization=False)).eval()
-    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), mcore_dir))
-    ids = parity_prompt()
-    with torch.no_grad():
-        logits = model(prepare_encoder_input(pack_images([parity_image()])), ids,
-                       torch.arange(ids.shape[1])[None])
+    model = build_model(config, Layout(), perform_initialization=False)
+    load_checkpoint(model, mcore_dir)
+    logits = vl_logits(model, config)
     destroy_parallel()
-    return {"logits": logits[..., : config.llm.vocab_size].detach().clone()}
+    return {"logits": logits}
+
+
+def layouts_world(rank: int, world_size: int, mcore_dir: str, layouts: list[Layout],
+                  export_config, export_layouts: dict, export_dirs: dict) -> dict:
+    """Two checks in one world.
+
+    ``loaded``: each of ``layouts`` loads the converted checkpoint ``mcore_dir`` (megatron
+    reshards) and returns its logits. ``exported``: for each name, a random FineViT-VL
+    (``export_config``) at ``export_layouts[name]`` is saved to ``export_dirs[name]`` as a trainer
+    saves, and returns its logits, to compare with transformers on the HF export.
+    """
+    from megatron_finevit.convert.pipeline import load_model_config
+    from megatron_finevit.testing.qwen3_parity import load_checkpoint, save_checkpoint
+
+    config = load_model_config("finevit-vl", mcore_dir)
+    loaded = {}
+    for layout in layouts:
+        model = build_model(config, layout, perform_initialization=False)
+        load_checkpoint(model, mcore_dir)
+        loaded[layout.label] = vl_logits(model, config)
+    exported = {}
+    for name, layout in export_layouts.items():
+        model = build_model(export_config, layout)
+        perturb_norms(model)
+        save_checkpoint(model, export_dirs[name])
+        exported[name] = vl_logits(model, export_config)
+    return {"loaded": loaded, "exported": exported}

@@ -81,13 +81,37 @@ def save_checkpoint(model, ckpt_dir: str) -> None:
 
 
 @torch.no_grad()
+def forward_only(model, run, seq_length: int) -> torch.Tensor | None:
+    """``run(model)`` as one micro-batch of megatron's forward-only schedule (1F1B p2p of
+    ``[seq_length (/ TP under SP), 1, hidden]`` activations when PP > 1): the last stage's output,
+    detached, or None on other stages."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    collected = []
+
+    def forward_step(data_iterator, step_model):
+        next(data_iterator)
+
+        def collect(output_tensor):
+            collected.append(output_tensor.detach().clone())
+            return output_tensor.sum() * 0.0, {}
+
+        return run(step_model), collect
+
+    model.eval()
+    get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([None]),
+                                model=[model], num_microbatches=1, seq_length=seq_length,
+                                micro_batch_size=1, forward_only=True)
+    return collected[0] if collected else None
+
+
+@torch.no_grad()
 def packed_logits(model, config, segments: list[torch.Tensor]) -> torch.Tensor | None:
     """Logits ``[T, vocab_size]`` of the segments packed as one THD sequence (each segment
     attends causally to itself, RoPE positions restart per segment); None on ranks that are not
     the last pipeline stage. Runs megatron's forward-only schedule (1F1B p2p when PP > 1)."""
     from megatron.core import parallel_state
     from megatron.core.packed_seq_params import PackedSeqParams
-    from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     from megatron_finevit.models.attention import gather_from_cp, partition_for_cp
@@ -99,25 +123,11 @@ def packed_logits(model, config, segments: list[torch.Tensor]) -> torch.Tensor |
     tokens = partition_for_cp(torch.cat(segments), cu, cp, cp_rank)[None]  # [1, T / cp]
     params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                              max_seqlen_q=int(lengths.max()), max_seqlen_kv=int(lengths.max()))
-    collected = []
-
-    def forward_step(data_iterator, step_model):
-        batch = next(data_iterator)
-        output = step_model(batch, None, None, packed_seq_params=params)
-
-        def collect(output_tensor):
-            collected.append(output_tensor.detach().clone())
-            return output_tensor.sum() * 0.0, {}
-
-        return output, collect
-
-    model.eval()
-    get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([tokens]),
-                                model=[model], num_microbatches=1, seq_length=tokens.shape[1],
-                                micro_batch_size=1, forward_only=True)
-    if not collected:
+    output = forward_only(model, lambda m: m(tokens, None, None, packed_seq_params=params),
+                          seq_length=tokens.shape[1])
+    if output is None:
         return None
-    logits = gather_from_tensor_model_parallel_region(collected[0])[0]  # [T / cp, V_pad]
+    logits = gather_from_tensor_model_parallel_region(output)[0]  # [T / cp, V_pad]
     if cp > 1:
         logits = gather_from_cp(logits, cu, parallel_state.get_context_parallel_group())
     return logits[:, : config.vocab_size]

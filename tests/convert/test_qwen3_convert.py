@@ -114,6 +114,22 @@ def test_megatron_export_matches_transformers(work, name, tmp_path):
     assert _max_diff(hf_logits(out), megatron) <= ORACLE_TOL
 
 
+def test_cli_exports_a_checkpoint_without_model_config_by_preset(work, tmp_path, convert_tool,
+                                                                capsys):
+    """A trainer's checkpoint carries no model_config.json: --preset supplies the config."""
+    megatron = [r["exported"]["pp2_tied"] for r in work["ranks"]
+                if r["exported"]["pp2_tied"] is not None][0]
+    out = tmp_path / "hf"
+    assert convert_tool("mcore-to-hf", "--model", "qwen3", "--preset", "tiny_qwen3",
+                        "--mcore-dir", work["export_dirs"]["pp2_tied"], "--hf-dir", str(out),
+                        "--no-progress") == 0
+    assert _max_diff(hf_logits(out), megatron) <= ORACLE_TOL
+    assert convert_tool("mcore-to-hf", "--model", "qwen3", "--preset", "qwen3_9b",
+                        "--mcore-dir", work["export_dirs"]["pp2_tied"],
+                        "--hf-dir", str(tmp_path / "bad")) == 2
+    assert "unknown Qwen3 preset 'qwen3_9b'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name", ["tied", "untied"])
 def test_round_trip_is_bit_exact(work, name, tmp_path):
     source = work["root"] / f"hf_{name}"
@@ -157,34 +173,23 @@ def test_cli_exports_with_tokenizer_files(work, tmp_path):
     assert "megatron -> HF" in result.stderr  # the progress bar
 
 
-def _tool_main(*args) -> int:
-    """The tool's ``main`` in this process (the error paths need no subprocess)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("convert_checkpoint",
-                                                  REPO / "tools" / "convert_checkpoint.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(list(args))
-
-
-def test_cli_rejects_tp_that_does_not_divide_heads(work, tmp_path, capsys):
+def test_cli_rejects_tp_that_does_not_divide_heads(work, tmp_path, capsys, convert_tool):
     out = tmp_path / "mc"
-    code = _tool_main("hf-to-mcore", "--model", "qwen3", "--hf-dir", str(work["root"] / "hf_tied"),
+    code = convert_tool("hf-to-mcore", "--model", "qwen3", "--hf-dir", str(work["root"] / "hf_tied"),
                       "--mcore-dir", str(out), "--tp", "3")
     assert code == 2
     assert "tensor_parallel=3 does not divide num_attention_heads=4" in capsys.readouterr().err
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
-def test_cli_refuses_to_overwrite(work, capsys):
-    code = _tool_main("mcore-to-hf", "--model", "qwen3", "--mcore-dir",
+def test_cli_refuses_to_overwrite(work, capsys, convert_tool):
+    code = convert_tool("mcore-to-hf", "--model", "qwen3", "--mcore-dir",
                       str(work["root"] / "mc_tied"), "--hf-dir", str(work["root"] / "hf_tied"))
     assert code == 2 and "--overwrite" in capsys.readouterr().err
 
 
-def test_cli_finevit_vl_without_model_config(tmp_path, capsys):
-    code = _tool_main("mcore-to-hf", "--model", "finevit-vl", "--mcore-dir", str(tmp_path),
+def test_cli_finevit_vl_without_model_config(tmp_path, capsys, convert_tool):
+    code = convert_tool("mcore-to-hf", "--model", "finevit-vl", "--mcore-dir", str(tmp_path),
                       "--hf-dir", str(tmp_path / "out"))
     assert code == 2 and "model_config.json not found" in capsys.readouterr().err
 

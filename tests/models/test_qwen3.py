@@ -49,7 +49,7 @@ def test_parameter_count_of_8b_preset():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(tensor_parallel=3), "tensor_parallel=3 does not divide num_attention_heads=4"),
     (dict(tensor_parallel=4), "tensor_parallel=4 does not divide num_query_groups=2"),
-    (dict(pipeline_parallel=8), "num_layers=4 is fewer than pipeline_parallel=8"),
+    (dict(pipeline_parallel=8), "pipeline_parallel=8 does not divide num_layers=4"),
 ])
 def test_validation_names_the_problem(kwargs, message):
     with pytest.raises(ValueError, match=message):

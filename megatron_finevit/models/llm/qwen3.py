@@ -20,12 +20,15 @@ from megatron_finevit.config.llm import Qwen3Config
 
 def build_qwen3(config: Qwen3Config, transformer_config, backend: str = "local",
                 pre_process: bool | None = None, post_process: bool | None = None,
-                vp_stage: int | None = None, parallel_output: bool = True):
+                vp_stage: int | None = None, parallel_output: bool = True,
+                scatter_embedding_sequence_parallel: bool = True):
     """This pipeline stage's Qwen3 ``GPTModel``.
 
     ``transformer_config`` comes from ``config.to_transformer_config(...)`` (so TP/PP/CP/SP and
     dtype are decided once, there). ``pre_process`` / ``post_process`` default to whether this
-    rank is the first / last pipeline stage.
+    rank is the first / last pipeline stage. ``scatter_embedding_sequence_parallel=False`` keeps
+    the embedding output whole under sequence parallelism, for callers that edit it before the
+    decoder (FineViT-VL inserts image features) and scatter it themselves.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt.gpt_model import GPTModel
@@ -52,6 +55,7 @@ def build_qwen3(config: Qwen3Config, transformer_config, backend: str = "local",
         position_embedding_type="rope",
         rotary_percent=1.0,
         rotary_base=config.rope_theta,
+        scatter_embedding_sequence_parallel=scatter_embedding_sequence_parallel,
         vp_stage=vp_stage,
     )
 
