@@ -81,14 +81,15 @@ class FineViTVLModel(MegatronModule):
         return self.projector(hidden, layout.cu_seqlens[: images.num_images + 1])
 
     def forward(self, images: PackedImages | None, input_ids: torch.Tensor,
-                position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-                ) -> torch.Tensor:
+                position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
         """``input_ids`` / ``position_ids`` ``[B, S]`` (``S`` divisible by TP under sequence
         parallelism) -> on the last stage, logits ``[B, S, padded vocab / TP]`` (vocab-parallel;
-        causal attention when ``attention_mask`` is None); on other stages, the hidden states for
-        the next one. ``images`` is read on the first stage only."""
+        causal attention when ``attention_mask`` is None) or, with ``labels`` ``[B, S]``, the
+        per-token cross-entropy ``[B, S]`` (megatron's vocab-parallel loss); on other stages, the
+        hidden states for the next one. ``images`` is read on the first stage only."""
         if not self.pre_process:
-            return self.llm(input_ids, position_ids, attention_mask)
+            return self.llm(input_ids, position_ids, attention_mask, labels=labels)
         embeds = self.llm.embedding(input_ids=input_ids, position_ids=position_ids)  # [S, B, H]
         placeholders = input_ids == self.vl_config.image_token_id  # [B, S]
         if images is not None:
@@ -104,4 +105,5 @@ class FineViTVLModel(MegatronModule):
             raise ValueError("input_ids contain image tokens but no image was given")
         if self.llm.config.sequence_parallel:
             embeds = tensor_parallel.scatter_to_sequence_parallel_region(embeds)  # [S / TP, B, H]
-        return self.llm(input_ids, position_ids, attention_mask, decoder_input=embeds)
+        return self.llm(input_ids, position_ids, attention_mask, decoder_input=embeds,
+                        labels=labels)

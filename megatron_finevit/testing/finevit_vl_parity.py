@@ -20,6 +20,20 @@ IMAGE_TOKEN_ID = 5
 IMAGE_SIZE = (56, 84)  # (H, W) pixels: a 4 × 6 patch grid -> 6 merge windows
 
 
+def tiny_vl_config():
+    """A FineViT-VL with the shapes of the transformers test models (2 encoder layers, a 4-layer
+    Qwen3 of width 32 over 64 ids) and a tied embedding, which PP splits between the first and
+    the last stage."""
+    from megatron_finevit.config.llm import Qwen3Config
+    from megatron_finevit.config.vit import tiny_vit
+    from megatron_finevit.config.vlm import FineViTVLConfig
+
+    llm = Qwen3Config(num_layers=4, hidden_size=32, ffn_hidden_size=48, num_attention_heads=4,
+                      num_query_groups=2, head_dim=8, vocab_size=64, tie_embeddings=True,
+                      rope_theta=10000.0, max_position_embeddings=128)
+    return FineViTVLConfig(vit=tiny_vit(num_layers=2), llm=llm, image_token_id=IMAGE_TOKEN_ID)
+
+
 def parity_image() -> torch.Tensor:
     return torch.randn(3, *IMAGE_SIZE, generator=torch.Generator().manual_seed(SEED))
 
@@ -127,3 +141,106 @@ def layouts_world(rank: int, world_size: int, mcore_dir: str, layouts: list[Layo
         save_checkpoint(model, export_dirs[name])
         exported[name] = vl_logits(model, export_config)
     return {"loaded": loaded, "exported": exported}
+
+
+# --- one training step at any layout against the single-rank run --------------------------------
+
+TRAIN_IMAGES = [[(56, 84)], [(28, 56), (56, 28)]]  # (H, W) pixels per micro-batch
+TRAIN_SEQ_LENGTH = 16
+
+
+def train_microbatches(config) -> list[dict]:
+    """Two micro-batches of ``[1, 16]`` prompts (random text around one placeholder per merge
+    window of their images) with next-token labels; the loss counts text targets only."""
+    batches = []
+    for index, sizes in enumerate(TRAIN_IMAGES):
+        generator = torch.Generator().manual_seed(SEED + index)
+        images = pack_images([torch.randn(3, h, w, generator=generator) for h, w in sizes])
+        windows = sum(h * w // (28 * 28) for h, w in sizes)
+        text = torch.randint(IMAGE_TOKEN_ID + 1, config.llm.vocab_size,
+                             (TRAIN_SEQ_LENGTH - windows,), generator=generator)
+        ids = torch.cat([text[:3], torch.full((windows,), IMAGE_TOKEN_ID), text[3:]])[None]
+        labels = torch.cat([ids[:, 1:], torch.zeros(1, 1, dtype=torch.long)], dim=1)
+        loss_mask = (labels != IMAGE_TOKEN_ID).float()
+        loss_mask[:, -1] = 0.0
+        batches.append({"images": images, "ids": ids, "labels": labels, "loss_mask": loss_mask,
+                        "positions": torch.arange(TRAIN_SEQ_LENGTH)[None]})
+    return batches
+
+
+def _train_forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    per_token = model(batch["images"], batch["ids"], batch["positions"], labels=batch["labels"])
+
+    def loss_func(losses):
+        mask = batch["loss_mask"]
+        loss = (losses * mask).sum() / mask.sum()
+        return loss, {"loss": loss.detach().clone()}  # megatron scales the loss in place
+
+    return per_token, loss_func
+
+
+def train_one_step(config, layout: Layout, ckpt_dir: str, save: bool) -> tuple:
+    """This rank's FineViT-VL (DDP-wrapped) at ``layout`` with the weights in ``ckpt_dir``
+    (``save``: random ones with perturbed norms, written there first), one Adam step (lr 1,
+    eps 1, as ``gpt_parity``) over ``train_microbatches``. Returns (model, loss on the last stage
+    else None, grad norm, {name: grad})."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from megatron_finevit.testing.gpt_parity import make_optimizer, train_step
+    from megatron_finevit.testing.qwen3_parity import load_checkpoint, save_checkpoint
+
+    model = build_model(config, layout, perform_initialization=save)
+    if save:
+        perturb_norms(model)
+        save_checkpoint(model, ckpt_dir)
+    else:
+        load_checkpoint(model, ckpt_dir)
+    model = DistributedDataParallel(model.config,
+                                    DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+    optimizer = make_optimizer(model, distributed_optimizer=False, lr=1.0, adam_eps=1.0)
+    batches = train_microbatches(config)
+    loss, grad_norm, grads = train_step(model, optimizer, iter(batches), len(batches),
+                                        TRAIN_SEQ_LENGTH, 1, forward_step_func=_train_forward_step,
+                                        loss_key="loss")
+    return model, loss, grad_norm, grads
+
+
+def train_oracle_world(rank: int, world_size: int, config, ckpt_dir: str) -> dict:
+    """One rank: the oracle step; its initial weights go to ``ckpt_dir``."""
+    assert world_size == 1
+    model, loss, grad_norm, grads = train_one_step(config, Layout(), ckpt_dir, save=True)
+    weights = {n: p.detach().clone() for n, p in model.module.named_parameters()}
+    return {"loss": loss, "grad_norm": grad_norm, "grads": grads, "weights": weights}
+
+
+def train_layouts_world(rank: int, world_size: int, config, ckpt_dir: str, oracle: dict,
+                        layouts: list[Layout]) -> dict:
+    """Each layout's step from the oracle's initial weights: max abs differences of loss, grad
+    norm, gradients and updated weights against the oracle's matching TP shards."""
+    from megatron.core import parallel_state
+
+    from megatron_finevit.testing.gpt_parity import shard_diffs
+
+    report = {}
+    for layout in layouts:
+        model, loss, grad_norm, grads = train_one_step(config, layout, ckpt_dir, save=False)
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        diffs = shard_diffs(model.module, grads, oracle, layout.tp, tp_rank,
+                            oracle_name=_tied_output_as_embedding(oracle))
+        diffs["grad_norm"] = abs(grad_norm - oracle["grad_norm"])
+        if loss is not None:
+            diffs["loss"] = abs(loss - oracle["loss"])
+        report[layout.label] = diffs
+    return report
+
+
+def _tied_output_as_embedding(oracle: dict):
+    """A tied output layer on the last stage has no single-rank parameter of its own: it is the
+    first stage's embedding, kept in step with it by megatron (equal weights, all-reduced
+    gradients)."""
+    def rename(name: str) -> str:
+        if name not in oracle["grads"] and name.endswith("output_layer.weight"):
+            return "llm.embedding.word_embeddings.weight"
+        return name
+    return rename

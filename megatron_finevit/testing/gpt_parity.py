@@ -176,6 +176,24 @@ def oracle_shard(full: torch.Tensor, param: torch.Tensor, name: str, tp: int, tp
     return full.chunk(tp, dim=dim)[tp_rank]
 
 
+def shard_diffs(module, grads: dict, oracle: dict, tp: int, tp_rank: int,
+                check_grads: bool = True, oracle_name=None) -> dict:
+    """Max abs difference of this rank's updated weights (and ``grads``, by local name) from the
+    oracle's matching TP shards; ``oracle_name(global name) -> oracle key`` renames where the
+    single-rank model differs. Returns ``{"weight", "grad", "params": [oracle keys checked]}``."""
+    diffs = {"grad": 0.0, "weight": 0.0, "params": []}
+    for name, param in module.named_parameters():
+        gname = global_name(module, name)
+        gname = oracle_name(gname) if oracle_name else gname
+        diffs["params"].append(gname)
+        w_ref = oracle_shard(oracle["weights"][gname], param, gname, tp, tp_rank)
+        diffs["weight"] = max(diffs["weight"], (param.detach() - w_ref).abs().max().item())
+        if check_grads:
+            g_ref = oracle_shard(oracle["grads"][gname], param, gname, tp, tp_rank)
+            diffs["grad"] = max(diffs["grad"], (grads[name] - g_ref).abs().max().item())
+    return diffs
+
+
 def _setup(run: RunConfig):
     from megatron_finevit.platform import ParallelConfig, init_parallel, set_seed
 
@@ -217,20 +235,16 @@ def parallel_run(rank: int, world_size: int, ckpt_dir: str, oracle: dict, runs: 
         tp, tp_rank = run.tp, parallel_state.get_tensor_model_parallel_rank()
         dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
         loss, grad_norm, grads = train_one_step(run, model, dp_rank, dp)
-        diffs = {"grad_norm": abs(grad_norm - oracle["grad_norm"]), "grad": 0.0, "weight": 0.0,
-                 "num_params": 0}
+        diffs = {"grad_norm": abs(grad_norm - oracle["grad_norm"])}
         if loss is not None:  # last pipeline stage: the global-batch loss is the DP average
             loss_t = torch.tensor([loss], dtype=torch.float64)
             torch.distributed.all_reduce(loss_t, group=parallel_state.get_data_parallel_group())
             diffs["loss"] = abs(loss_t.item() / dp - oracle["loss"])
-        for name, param in model.module.named_parameters():
-            gname = global_name(model.module, name)
-            diffs["num_params"] += 1
-            w_ref = oracle_shard(oracle["weights"][gname], param, gname, tp, tp_rank)
-            diffs["weight"] = max(diffs["weight"], (param.detach() - w_ref).abs().max().item())
-            if not run.distributed_optimizer:  # with it, main_grad holds only this rank's shard
-                g_ref = oracle_shard(oracle["grads"][gname], param, gname, tp, tp_rank)
-                diffs["grad"] = max(diffs["grad"], (grads[name] - g_ref).abs().max().item())
+        # with the distributed optimizer main_grad holds only this rank's shard: weights only
+        shards = shard_diffs(model.module, grads, oracle, tp, tp_rank,
+                             check_grads=not run.distributed_optimizer)
+        diffs.update(grad=shards["grad"], weight=shards["weight"],
+                     num_params=len(shards["params"]))
         report[_label(run)] = diffs
 
     report["checkpoint_tp2_to_tp1"] = _checkpoint_reshard(tp2_ckpt_dir)

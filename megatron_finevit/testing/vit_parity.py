@@ -22,7 +22,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron_finevit.config.vit import tiny_vit
 from megatron_finevit.models.heads import MAPHead, MergeProjector, MIMHead
 from megatron_finevit.models.vit import FineViTModel, pack_images, prepare_encoder_input
-from megatron_finevit.testing.gpt_parity import global_name, make_optimizer, oracle_shard, train_step
+from megatron_finevit.testing.gpt_parity import make_optimizer, shard_diffs, train_step
 
 SEED = 4321
 VIT = tiny_vit(num_layers=2)
@@ -193,21 +193,16 @@ def parallel_run(rank: int, world_size: int, ckpt_dir: str, oracle: dict,
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
         loss, grad_norm, grads, outputs = _train(
             run, model, parallel_state.get_context_parallel_rank())
-        diffs = {"grad_norm": abs(grad_norm - oracle["grad_norm"]), "grad": 0.0, "weight": 0.0,
-                 "num_params": 0, "num_outputs": 0, "output": 0.0}
+        shards = shard_diffs(model.module, grads, oracle, run.tp, tp_rank)
+        diffs = {"grad_norm": abs(grad_norm - oracle["grad_norm"]), "grad": shards["grad"],
+                 "weight": shards["weight"], "num_params": len(shards["params"]),
+                 "num_outputs": 0, "output": 0.0}
         if loss is not None:
             diffs["loss"] = abs(loss - oracle["loss"])
         for mine, ref in zip(outputs, oracle["outputs"]):
             for key, value in mine.items():
                 diffs["output"] = max(diffs["output"], (value - ref[key]).abs().max().item())
                 diffs["num_outputs"] += 1
-        for name, param in model.module.named_parameters():
-            gname = global_name(model.module, name)
-            diffs["num_params"] += 1
-            w_ref = oracle_shard(oracle["weights"][gname], param, gname, run.tp, tp_rank)
-            g_ref = oracle_shard(oracle["grads"][gname], param, gname, run.tp, tp_rank)
-            diffs["weight"] = max(diffs["weight"], (param.detach() - w_ref).abs().max().item())
-            diffs["grad"] = max(diffs["grad"], (grads[name] - g_ref).abs().max().item())
         report[run.label] = diffs
     return report
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from megatron_finevit.config.llm import Qwen3Config, qwen3_1p7b, qwen3_8b
+from megatron_finevit.config.llm import qwen3_1p7b, qwen3_8b
 from megatron_finevit.config.vit import finevit_0p86b, tiny_vit
 from megatron_finevit.config.vlm import FineViTVLConfig, vl_preset
 from megatron_finevit.convert.finevit import vit_hf_config
@@ -29,6 +29,7 @@ from megatron_finevit.testing.finevit_vl_parity import (
     hf_image_inputs,
     layouts_world,
     parity_prompt,
+    tiny_vl_config,
 )
 from megatron_finevit.testing.multirank import run_world
 from megatron_finevit.testing.qwen3_parity import Layout
@@ -39,14 +40,8 @@ TEXT = dict(model_type="qwen3", vocab_size=64, hidden_size=32, intermediate_size
             rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
             max_position_embeddings=128)
 LOADED_LAYOUTS = [Layout(tp=2), Layout(tp=2, sp=True), Layout(pp=2)]
-# The export case built in megatron: the same shapes, with a tied embedding that PP splits
-# between the first and the last stage.
-EXPORT_CONFIG = FineViTVLConfig(
-    vit=tiny_vit(num_layers=2),
-    llm=Qwen3Config(num_layers=4, hidden_size=32, ffn_hidden_size=48, num_attention_heads=4,
-                    num_query_groups=2, head_dim=8, vocab_size=64, tie_embeddings=True,
-                    rope_theta=10000.0, max_position_embeddings=128),
-    image_token_id=IMAGE_TOKEN_ID)
+# The export case built in megatron: the same shapes with a tied embedding.
+EXPORT_CONFIG = tiny_vl_config()
 EXPORT_LAYOUTS = {"tp2_sp": Layout(tp=2, sp=True), "pp2_tied": Layout(pp=2)}
 
 
