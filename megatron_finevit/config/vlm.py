@@ -5,8 +5,10 @@
 
 Parallel layout (as megatron's LLaVA): tensor and sequence parallelism apply to both towers; the
 language model is split into pipeline stages while the encoder and projector live whole on the
-first stage (the encoder is ~1/10 of the LM's FLOPs at the paper's sizes, and its output feeds the
-LM's first layer), so the encoder's ``TransformerConfig`` is built with one pipeline stage.
+first stage (its output feeds the LM's first layer), so the encoder's ``TransformerConfig`` is
+built with one pipeline stage. ``first_stage_llm_layers`` gives the first stage fewer LM layers
+than the others (megatron's uneven split) so that it is not the bottleneck: the remaining layers
+split evenly over the other stages.
 """
 
 from __future__ import annotations
@@ -26,14 +28,16 @@ class FineViTVLConfig:
     vit: FineViTConfig
     llm: Qwen3Config
     image_token_id: int = QWEN_IMAGE_PAD_ID
+    first_stage_llm_layers: int | None = None  # None: the LM's layers split evenly over PP
 
     def to_dict(self) -> dict:
         return {"vit": self.vit.to_dict(), "llm": self.llm.to_dict(),
-                "image_token_id": self.image_token_id}
+                "image_token_id": self.image_token_id,
+                "first_stage_llm_layers": self.first_stage_llm_layers}
 
     @classmethod
     def from_dict(cls, values: dict) -> "FineViTVLConfig":
-        unknown = sorted(set(values) - {"vit", "llm", "image_token_id"})
+        unknown = sorted(set(values) - {"vit", "llm", "image_token_id", "first_stage_llm_layers"})
         if unknown:
             raise ValueError(f"unknown FineViTVLConfig fields {unknown}")
         missing = sorted({"vit", "llm"} - set(values))
@@ -41,7 +45,8 @@ class FineViTVLConfig:
             raise ValueError(f"FineViTVLConfig needs {missing}")
         return cls(vit=FineViTConfig.from_dict(values["vit"]),
                    llm=Qwen3Config.from_dict(values["llm"]),
-                   image_token_id=values.get("image_token_id", QWEN_IMAGE_PAD_ID))
+                   image_token_id=values.get("image_token_id", QWEN_IMAGE_PAD_ID),
+                   first_stage_llm_layers=values.get("first_stage_llm_layers"))
 
     @property
     def num_layers(self) -> int:
@@ -52,8 +57,16 @@ class FineViTVLConfig:
         """Both towers must split over ``tensor_parallel`` ranks and the language model over
         ``pipeline_parallel`` stages (the encoder is not pipelined)."""
         problems = []
-        for name, tower, pp in (("encoder", self.vit, 1), ("language model", self.llm,
-                                                           pipeline_parallel)):
+        uneven = self._uneven(pipeline_parallel)
+        if uneven:
+            rest, stages = self.llm.num_layers - self.first_stage_llm_layers, pipeline_parallel - 1
+            if not 1 <= self.first_stage_llm_layers or rest < stages or rest % stages:
+                problems.append(
+                    f"first_stage_llm_layers={self.first_stage_llm_layers} must be >= 1 and leave "
+                    f"the other {stages} stages an equal share (>= 1 each) of the language "
+                    f"model's {self.llm.num_layers} layers")
+        llm_pp = 1 if uneven else pipeline_parallel
+        for name, tower, pp in (("encoder", self.vit, 1), ("language model", self.llm, llm_pp)):
             try:
                 tower.validate(tensor_parallel, pp)
             except ValueError as exc:
@@ -74,9 +87,18 @@ class FineViTVLConfig:
         self.validate(tensor_parallel, pipeline_parallel)
         vit = self.vit.to_transformer_config(tensor_parallel, 1, 1, sequence_parallel,
                                              params_dtype, **overrides)
-        llm = self.llm.to_transformer_config(tensor_parallel, pipeline_parallel, 1,
-                                             sequence_parallel, params_dtype, **overrides)
+        llm_pp, llm_overrides = pipeline_parallel, dict(overrides)
+        if self._uneven(pipeline_parallel):
+            # Qwen3Config checks an even split; the uneven one was checked above
+            llm_pp = 1
+            llm_overrides.update(pipeline_model_parallel_size=pipeline_parallel,
+                                 num_layers_in_first_pipeline_stage=self.first_stage_llm_layers)
+        llm = self.llm.to_transformer_config(tensor_parallel, llm_pp, 1, sequence_parallel,
+                                             params_dtype, **llm_overrides)
         return vit, llm
+
+    def _uneven(self, pipeline_parallel: int) -> bool:
+        return self.first_stage_llm_layers is not None and pipeline_parallel > 1
 
 
 # --- presets: the paper's encoder with the ablation LLMs (App. B.2), and a tiny one ---------------

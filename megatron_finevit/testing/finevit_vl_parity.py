@@ -214,16 +214,17 @@ def train_oracle_world(rank: int, world_size: int, config, ckpt_dir: str) -> dic
     return {"loss": loss, "grad_norm": grad_norm, "grads": grads, "weights": weights}
 
 
-def train_layouts_world(rank: int, world_size: int, config, ckpt_dir: str, oracle: dict,
-                        layouts: list[Layout]) -> dict:
-    """Each layout's step from the oracle's initial weights: max abs differences of loss, grad
-    norm, gradients and updated weights against the oracle's matching TP shards."""
+def train_layouts_world(rank: int, world_size: int, ckpt_dir: str, oracle: dict,
+                        runs: dict) -> dict:
+    """Each run (name -> (config, layout); configs may differ in their pipeline split only)
+    steps from the oracle's initial weights: max abs differences of loss, grad norm, gradients
+    and updated weights against the oracle's matching TP shards, by name."""
     from megatron.core import parallel_state
 
     from megatron_finevit.testing.gpt_parity import shard_diffs
 
     report = {}
-    for layout in layouts:
+    for run_name, (config, layout) in runs.items():
         model, loss, grad_norm, grads = train_one_step(config, layout, ckpt_dir, save=False)
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
         diffs = shard_diffs(model.module, grads, oracle, layout.tp, tp_rank,
@@ -231,7 +232,7 @@ def train_layouts_world(rank: int, world_size: int, config, ckpt_dir: str, oracl
         diffs["grad_norm"] = abs(grad_norm - oracle["grad_norm"])
         if loss is not None:
             diffs["loss"] = abs(loss - oracle["loss"])
-        report[layout.label] = diffs
+        report[run_name] = diffs
     return report
 
 

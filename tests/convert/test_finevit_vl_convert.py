@@ -150,3 +150,12 @@ def test_layout_errors_name_the_tower():
         config.validate(pipeline_parallel=2)
     with pytest.raises(ValueError, match="encoder: .*tensor_parallel=3 does not divide"):
         EXPORT_CONFIG.validate(tensor_parallel=3)
+    # an uneven split: 4 of Qwen3-1.7B's 28 layers on the encoder's stage, 12 + 12 on the others
+    uneven = replace(vl_preset("finevit_vl_1p7b"), first_stage_llm_layers=4)
+    vit_tc, llm_tc = uneven.to_transformer_configs(pipeline_parallel=3)
+    assert (vit_tc.pipeline_model_parallel_size, llm_tc.pipeline_model_parallel_size,
+            llm_tc.num_layers_in_first_pipeline_stage) == (1, 3, 4)
+    assert FineViTVLConfig.from_dict(uneven.to_dict()) == uneven
+    with pytest.raises(ValueError, match="first_stage_llm_layers=5 must be >= 1 and leave the "
+                                         "other 2 stages an equal share"):
+        replace(uneven, first_stage_llm_layers=5).validate(pipeline_parallel=3)
