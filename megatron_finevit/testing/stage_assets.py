@@ -34,11 +34,13 @@ def make_stage_assets(root: str | Path, num_train: int = 128, num_eval: int = 48
 
 
 def tiny_run(stage: str, assets: dict, steps: int, global_batch: int = 2, tp: int = 1,
-             **stage_config) -> TrainConfig:
-    """A tiny fp32 run config of ``stage`` ("mim" or "contrastive") over ``assets``."""
+             pp: int = 1, cp: int = 1, sp: bool = False, **stage_config) -> TrainConfig:
+    """A tiny fp32 run config of ``stage`` ("mim" or "contrastive") over ``assets`` at the
+    parallel layout ``tp`` x ``pp`` x ``cp`` (+ ``sp``), data parallel over the remaining ranks."""
     cfg = TrainConfig(stage=stage, train_steps=steps, global_batch_size=global_batch,
                       precision="fp32")
-    cfg.parallel.tensor_parallel = tp
+    p = cfg.parallel
+    p.tensor_parallel, p.pipeline_parallel, p.context_parallel, p.sequence_parallel = tp, pp, cp, sp
     cfg.optim.lr, cfg.optim.eps, cfg.optim.warmup_steps = 3e-3, 1e-8, 0
     cfg.eval.at_start = cfg.eval.at_end = False
     cfg.logging.log_interval, cfg.logging.progress_bar = 1000, False

@@ -143,9 +143,14 @@ class PackedCoreAttention(MegatronModule):
         if is_layer_window_attention(config.window_size, config.window_attn_skip_freq,
                                      layer_number):
             raise NotImplementedError("sliding-window attention needs the TE spec")
-        if pg_collection is None:
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["cp"])
-        self.cp_group = pg_collection.cp
+        if config.context_parallel_size == 1:
+            # Not context-parallel, even inside a CP run: a tower replicated over the CP ranks
+            # (Stage II's text tower beside a CP encoder) attends over its whole rows.
+            self.cp_group = None
+        else:
+            if pg_collection is None:
+                pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["cp"])
+            self.cp_group = pg_collection.cp
         cp_size = dist.get_world_size(self.cp_group) if self.cp_group is not None else 1
         if cp_size != config.context_parallel_size:
             raise ValueError(f"CP group of size {cp_size} but config.context_parallel_size = "
