@@ -27,7 +27,8 @@ rm -rf "$RUN/stage1" "$RUN/stage2"
 paths="stage_config.data.dir=$RUN/data/train"
 # 3. Stage I: masked image modelling, DP=2
 .venv/bin/torchrun --nproc-per-node 2 -m megatron_finevit.train --config examples/stage1_mim_tiny.yaml \
-  $paths stage_config.teacher_dir="$RUN/teacher" checkpoint.dir="$RUN/stage1"
+  $paths stage_config.teacher_dir="$RUN/teacher" stage_config.eval_data_dir="$RUN/data/eval" \
+  checkpoint.dir="$RUN/stage1"
 
 # 4. retrieval of the model Stage II starts from (Stage I's ViT, fresh heads and text tower)
 s2="$paths stage_config.tokenizer=$RUN/tokenizer.model stage_config.eval_data_dir=$RUN/data/eval"

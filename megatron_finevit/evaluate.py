@@ -1,4 +1,5 @@
-"""Standalone evaluation of a Stage II (contrastive) checkpoint on an indexed shard directory:
+"""Standalone evaluation of a Stage I (MIM) or Stage II (contrastive) checkpoint on an indexed
+shard directory:
 
     python -m megatron_finevit.evaluate --checkpoint runs/quickstart/stage2 \
         --data runs/quickstart/data/eval [--task retrieval|zero_shot|all] [--json OUT] [k=v ...]
@@ -6,8 +7,9 @@
 The run config comes from the checkpoint (as saved by the trainer) or from ``--config`` — e.g. a
 Stage II config with a Stage I checkpoint evaluates the model Stage II starts from (Stage I's
 encoder, freshly initialised MAP head and text tower, same seed). Runs in one process (or under
-torchrun at any data-parallel size: each rank embeds its share of the images); prints recall@1/5/10
-image→text and text→image, zero-shot top-1/5 over the synthetic colour-shape classes and chance.
+torchrun at any data-parallel size: each rank embeds its share of the images). Stage II: prints
+recall@1/5/10 image→text and text→image, zero-shot top-1/5 over the synthetic colour-shape classes
+and chance. Stage I: the MIM loss per masked token and the prediction–target cosine on fixed masks.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from megatron_finevit.config.loader import ConfigError, from_dict, load_config
 from megatron_finevit.config.train import TrainConfig
 
 TASK_KEYS = {"retrieval": ("i2t", "t2i", "chance_r1", "num_images"),
-             "zero_shot": ("zero_shot",)}
+             "zero_shot": ("zero_shot",), "mim": ("mim_", "masked_tokens", "num_images")}
 
 
 def parse_args(argv=None):
@@ -30,7 +32,8 @@ def parse_args(argv=None):
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory (with `latest`)")
     parser.add_argument("--data", required=True, help="indexed shard directory to evaluate on")
-    parser.add_argument("--task", choices=("retrieval", "zero_shot", "all"), default="all")
+    parser.add_argument("--task", choices=("retrieval", "zero_shot", "mim", "all"), default="all",
+                        help="retrieval / zero_shot: Stage II; mim: Stage I")
     parser.add_argument("--config", help="run config YAML (default: the checkpoint's own)")
     parser.add_argument("--json", help="also write the metrics to this file")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
@@ -56,9 +59,11 @@ def evaluation_config(args) -> TrainConfig:
         saved = checkpoint_config(args.checkpoint)
         cfg = _apply_overrides(saved, args.overrides) if args.overrides else from_dict(
             TrainConfig, saved)
-    if cfg.stage != "contrastive":
-        raise ConfigError(f"stage {cfg.stage!r} has no text tower to evaluate retrieval with: "
-                          "give --config with a contrastive (Stage II) config")
+    if cfg.stage not in ("mim", "contrastive"):
+        raise ConfigError(f"stage {cfg.stage!r} has no evaluation here: give a Stage I (mim) or "
+                          "Stage II (contrastive) checkpoint or --config")
+    if args.task != "all" and (args.task == "mim") != (cfg.stage == "mim"):
+        raise ConfigError(f"--task {args.task} does not apply to a {cfg.stage} run")
     cfg.train_steps, cfg.global_batch_size = 0, 1
     cfg.optim.warmup_steps = 0
     cfg.parallel.tensor_parallel = cfg.parallel.pipeline_parallel = 1
@@ -92,6 +97,11 @@ def select(results: dict[str, float], task: str) -> dict[str, float]:
 
 def format_table(results: dict[str, float]) -> str:
     lines = []
+    if "mim_loss" in results:
+        lines.append(f"MIM over {int(results['num_images'])} images "
+                     f"({int(results['masked_tokens'])} masked patches): loss "
+                     f"{results['mim_loss']:.4f} per masked patch, prediction-target cosine "
+                     f"{results['mim_cosine']:.4f}")
     if "i2t_r1" in results:
         n = int(results["num_images"])
         lines.append(f"retrieval over {n} images / {n} captions (recall, %)")

@@ -5,6 +5,9 @@ the two stages over them."""
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from megatron_finevit.config.train import TrainConfig
@@ -54,3 +57,32 @@ def tiny_run(stage: str, assets: dict, steps: int, global_batch: int = 2, tp: in
                       text_overrides={"vocab_size": 128, "num_layers": 1})
     cfg.stage_config = {**common, **stage_config}
     return cfg
+
+
+def assets_and_world(tmp_path_factory, name: str, world, world_size: int = 2):
+    """For a module fixture: fresh assets, a checkpoint directory, and ``world(rank, world_size,
+    assets, ckpt_dir)`` run on ``world_size`` ranks -> ``(assets, ckpt_dir, per-rank results)``."""
+    from megatron_finevit.testing.multirank import run_world
+
+    root = tmp_path_factory.mktemp(name)
+    assets = make_stage_assets(root / "assets")
+    ckpt = str(root / "ckpt")
+    return assets, ckpt, run_world(world, world_size, args=(assets, ckpt))
+
+
+def run_evaluate_cli(checkpoint: str, data: str, task: str, master_port: int,
+                     json_path: str | Path | None = None):
+    """``python -m megatron_finevit.evaluate`` on ``checkpoint`` in one process. With
+    ``json_path``: asserts success and returns ``(stdout, metrics)``; without: returns the
+    completed process (for the error paths)."""
+    import json
+
+    env = dict(os.environ, MASTER_PORT=str(master_port), OMP_NUM_THREADS="1")
+    extra = ["--json", str(json_path)] if json_path else []
+    proc = subprocess.run([sys.executable, "-m", "megatron_finevit.evaluate", "--checkpoint",
+                           checkpoint, "--data", data, "--task", task, *extra], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    if not json_path:
+        return proc
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout, json.loads(Path(json_path).read_text())

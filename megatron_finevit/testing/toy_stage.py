@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -37,6 +38,7 @@ class ToyLMConfig:
     vocab_size: int = 128
     nan_loss_steps: list[int] = field(default_factory=list)  # inject a NaN loss at these steps
     signal_at_step: int | None = None  # rank 0 sends itself SIGUSR1 before this step (pre-emption)
+    step_sleep_s: float = 0.0  # slow each step down, so an outside signal lands mid-run (Slurm test)
 
 
 class ToyBatches:
@@ -125,6 +127,8 @@ class ToyLMStage:
 
     def on_step(self, step: int, model_chunks: list, optimizer) -> None:
         self.step = step
+        if self.cfg.step_sleep_s:
+            time.sleep(self.cfg.step_sleep_s)
         if step == self.cfg.signal_at_step and torch.distributed.get_rank() == 0:
             os.kill(os.getpid(), signal.SIGUSR1)
 

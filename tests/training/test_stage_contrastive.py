@@ -3,16 +3,17 @@
 from a checkpoint across the unfreeze / context / resolution schedules gives the uninterrupted
 run's losses exactly; the evaluate CLI gives the in-training retrieval numbers."""
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from megatron_finevit.testing.multirank import run_world
-from megatron_finevit.testing.stage_assets import ROOT, make_stage_assets, tiny_run
+from megatron_finevit.testing.stage_assets import (
+    assets_and_world,
+    run_evaluate_cli,
+    tiny_run,
+)
 
 STEPS = 8
 
@@ -57,10 +58,7 @@ def world(rank, world_size, assets, ckpt):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    root = tmp_path_factory.mktemp("contrastive")
-    assets = make_stage_assets(root / "assets")
-    ckpt = str(root / "ckpt")
-    return assets, ckpt, run_world(world, 2, args=(assets, ckpt))
+    return assets_and_world(tmp_path_factory, "contrastive", world)
 
 
 def test_loss_falls(results):
@@ -84,14 +82,8 @@ def test_resume_through_checkpoint_is_exact(results):
 
 def test_evaluate_cli_matches_training_evaluation(results, tmp_path):
     assets, ckpt, worlds = results
-    out = tmp_path / "eval.json"
-    env = dict(os.environ, MASTER_PORT="29677", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "megatron_finevit.evaluate", "--checkpoint", ckpt,
-                           "--data", assets["eval"], "--task", "retrieval", "--json", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "text->image" in proc.stdout
-    cli = json.loads(out.read_text())
+    stdout, cli = run_evaluate_cli(ckpt, assets["eval"], "retrieval", 29677, tmp_path / "eval.json")
+    assert "text->image" in stdout
     trained = worlds[1]["final_eval"]
     n = trained["num_images"]
     assert cli["num_images"] == n and not any(k.startswith("zero_shot") for k in cli)

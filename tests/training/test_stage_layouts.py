@@ -1,7 +1,9 @@
 """Stages I and II through the trainer at every parallel layout: from the same initial weights,
 three training steps (so two optimizer updates feed back into the losses) at TP2 + SP, PP2 and
-CP2 give the single-rank run's losses. Stage II runs its text tower beside the encoder: whole on
-every TP rank's shard, on the last pipeline stage, replicated over the CP ranks."""
+CP2 give the single-rank run's losses, and the held-out evaluation after them (Stage I: MIM loss
+and cosine; Stage II: retrieval and zero-shot) gives the single-rank numbers. Stage II runs its
+text tower beside the encoder: whole on every TP rank's shard, on the last pipeline stage,
+replicated over the CP ranks."""
 
 import pytest
 
@@ -13,14 +15,16 @@ LAYOUTS = {"tp2_sp": dict(tp=2, sp=True), "pp2": dict(pp=2), "cp2": dict(cp=2)}
 STEPS = 3
 
 
-def _losses(stage, assets, init_dir, **layout):
+def _run(stage, assets, init_dir, **layout):
+    """(losses, evaluation) of three steps from ``init_dir``'s weights; on ranks off the last
+    pipeline stage the losses are None and the evaluation empty."""
     from megatron_finevit.training.trainer import Trainer
 
-    cfg = tiny_run(stage, assets, steps=STEPS, **layout)
+    cfg = tiny_run(stage, assets, steps=STEPS, eval_data_dir=assets["eval"], **layout)
     cfg.checkpoint.load_dir = init_dir
     trainer = Trainer(cfg)
-    # the loss lives on the last pipeline stage; other stages report none
-    return [trainer.train_step().get("loss") for _ in range(STEPS)]
+    losses = [trainer.train_step().get("loss") for _ in range(STEPS)]
+    return losses, trainer.evaluate()
 
 
 def single_rank_world(rank, world_size, assets, init_dirs):
@@ -32,12 +36,12 @@ def single_rank_world(rank, world_size, assets, init_dirs):
         init.checkpoint.dir = init_dirs[stage]
         init.parallel.distributed_optimizer = False  # its state cannot be saved before a step
         Trainer(init).train()  # saves the initial weights
-        out[stage] = _losses(stage, assets, init_dirs[stage])
+        out[stage] = _run(stage, assets, init_dirs[stage])
     return out
 
 
 def two_rank_world(rank, world_size, assets, init_dirs):
-    return {(stage, name): _losses(stage, assets, init_dirs[stage], **layout)
+    return {(stage, name): _run(stage, assets, init_dirs[stage], **layout)
             for stage in STAGES for name, layout in LAYOUTS.items()}
 
 
@@ -53,11 +57,17 @@ def results(tmp_path_factory):
 
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 @pytest.mark.parametrize("stage", STAGES)
-def test_losses_equal_single_rank(results, stage, name):
+def test_losses_and_evaluation_equal_single_rank(results, stage, name):
     single, double = results
-    assert len(single[stage]) == STEPS and len(set(single[stage])) == STEPS  # it trains
-    holders = [r[(stage, name)] for r in double if r[(stage, name)][0] is not None]
-    # TP and CP ranks all report the loss; under PP only the last stage does
+    losses, evaluation = single[stage]
+    assert len(losses) == STEPS and len(set(losses)) == STEPS  # it trains
+    key = "mim_cosine" if stage == "mim" else "i2t_r1"
+    assert key in evaluation and evaluation["num_images"] == 48
+    holders = [r[(stage, name)] for r in double if r[(stage, name)][0][0] is not None]
+    # TP and CP ranks all report; under PP only the last stage does
     assert len(holders) == (1 if name == "pp2" else 2)
-    for losses in holders:
-        assert losses == pytest.approx(single[stage], rel=1e-5)
+    for layout_losses, layout_evaluation in holders:
+        assert layout_losses == pytest.approx(losses, rel=1e-5)
+        assert layout_evaluation.keys() == evaluation.keys()
+        for metric, value in evaluation.items():
+            assert layout_evaluation[metric] == pytest.approx(value, rel=1e-5, abs=1e-6), metric

@@ -39,7 +39,6 @@ def _fixed_batch_loss(trainer) -> float:
 def trainer_world(rank, world_size, tmp):
     from megatron.core import dist_checkpointing
 
-    from megatron_finevit.training import checkpointing
     from megatron_finevit.training.trainer import TooManyBadSteps, Trainer
 
     tmp = Path(tmp)

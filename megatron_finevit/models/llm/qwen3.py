@@ -13,7 +13,6 @@ go in as b = 1 with ``packed_seq_params`` (THD cu_seqlens). Output: logits [b, s
 
 from __future__ import annotations
 
-import torch
 
 from megatron_finevit.config.llm import Qwen3Config
 

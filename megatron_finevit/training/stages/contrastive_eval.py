@@ -1,7 +1,7 @@
 """Stage II evaluation on a held-out split: image ↔ text retrieval and zero-shot classification.
 
-Each data-parallel rank embeds its share of the split (one pass over a fresh loader's epoch)
-through megatron's forward-only schedule, so pipeline parallelism works as in training; the last
+Each data-parallel rank embeds its share of the split (``vision.forward_over_split``: one pass
+through megatron's forward-only schedule, so pipeline parallelism works as in training); the last
 pipeline stage gathers the embeddings of all DP ranks and scores them (``evaluation/``).
 
 Zero-shot classes are the synthetic data's "colour shape" pairs (``data.synthetic``): an image
@@ -22,6 +22,7 @@ from megatron_finevit.evaluation import (
     retrieval_recall,
     zero_shot_accuracy,
 )
+from megatron_finevit.training.stages.vision import forward_over_split
 
 ZERO_SHOT_TEMPLATES = ("{}.", "{} in the center.")
 
@@ -34,17 +35,11 @@ def _embed_split(stage, model_chunks, data_dir: str):
     """This rank's images and captions of the split -> (image [n, d], text [n, d], class label
     [n] (−1: not single-shape)) on the last pipeline stage; None elsewhere."""
     from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    loader = stage.make_loader(data_dir, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(),
-                               decode_pixels=ps.is_pipeline_first_stage(), seed=0)
-    loader.set_step(stage.step)
-    batches = list(loader.epoch())
     classes = {name: i for i, name in enumerate(shape_classes())}
-    collected, labels = [], []
+    labels = []
 
-    def forward_step(data_iterator, model):
-        batch = next(data_iterator)
+    def forward(batch, model):
         inp = stage.encoder_input(batch)
         if torch.cuda.is_available():
             inp.patches = inp.patches.cuda()
@@ -52,18 +47,11 @@ def _embed_split(stage, model_chunks, data_dir: str):
         ids = stage.tokenize(batch.captions, stage.step) if last else None
         labels.extend(classes.get(m["regions"][0]["caption"], -1) if len(m["regions"]) == 1
                       and not m["ocr"] else -1 for m in batch.metas)
+        return model(inp, ids, embeddings=True), lambda out: {k: v.float().cpu()
+                                                              for k, v in out.items()}
 
-        def collect(out):
-            collected.append({k: v.float().cpu() for k, v in out.items()})
-            return torch.zeros(()), {}
-
-        return model(inp, ids, embeddings=True), collect
-
-    get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(batches), model=model_chunks,
-        num_microbatches=len(batches), seq_length=stage.cfg.data.pack_tokens,
-        micro_batch_size=1, forward_only=True)
-    if not ps.is_pipeline_last_stage():
+    collected = forward_over_split(stage, model_chunks, data_dir, forward)
+    if collected is None:
         return None
     image = torch.cat([c["image"] for c in collected])
     text = torch.cat([c["text"] for c in collected])

@@ -15,6 +15,11 @@ gathered pack on every CP rank and scaled by ``1/cp`` (``EncoderInput.gather_out
 
 Logged: ``loss`` (per masked token, summed over the teacher's features), ``masked_tokens`` per
 pack, and the trainer's throughput (images/s, tokens/s, TFLOP/s, MFU).
+
+Evaluation (``eval_data_dir``): the same loss on a held-out split with fixed masks (seed 0), and
+the mean cosine similarity between prediction and target at the masked patches — the fraction of
+the teacher's feature direction the student recovers, comparable across target normalisations
+and feature widths (0 for a random head, 1 when the prediction is exact up to scale).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ class MIMStageConfig:
     teacher_cache_dir: str | None = None  # zarr feature cache (TeacherFeatureCache), optional
     mask_ratio: float = 0.75
     normalize_target: bool = True
+    eval_data_dir: str | None = None      # held-out indexed shards for evaluate()
     data: DataSection = field(default_factory=DataSection)
 
 
@@ -125,16 +131,21 @@ class MIMStage(VisionStage):
             features = self.teacher.features(batch.images)
         return torch.cat(features)
 
-    def forward_step(self, batch, model):
-        from megatron_finevit.losses import mim_loss
-
+    def _predict(self, batch, model):
+        """(model output for the pack — predictions ``[N, teacher_dim]`` on the last stage —,
+        teacher targets ``[N, teacher_dim]`` or None off the last stage, mask ``[N]``, layout)."""
         inp = self.encoder_input(batch)
         device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
         inp.patches = inp.patches.to(device)
         masked = inp.to_local(batch.mim_mask, fill=False).to(device)
         output = model(inp, masked)
         targets = self.teacher_targets(batch) if self.teacher is not None else None
-        mask = batch.mim_mask.to(device)
+        return output, targets, batch.mim_mask.to(device), inp
+
+    def forward_step(self, batch, model):
+        from megatron_finevit.losses import mim_loss
+
+        output, targets, mask, inp = self._predict(batch, model)
 
         def loss_fn(predictions):
             out = mim_loss(predictions, targets.to(predictions.device), mask,
@@ -152,4 +163,41 @@ class MIMStage(VisionStage):
         return {}
 
     def evaluate(self, model_chunks: list) -> dict[str, float]:
-        return {}
+        """``{"mim_loss", "mim_cosine", "masked_tokens", "num_images"}`` over ``eval_data_dir`` on
+        the last pipeline stage (every data-parallel rank's share summed); {} elsewhere."""
+        if not self.cfg.eval_data_dir:
+            return {}
+        import torch.distributed as dist
+        import torch.nn.functional as F
+        from megatron.core import parallel_state as ps
+
+        from megatron_finevit.losses import mim_loss
+        from megatron_finevit.losses.mim import normalize_teacher_features
+        from megatron_finevit.training.stages.vision import forward_over_split
+
+        def forward(batch, model):
+            output, targets, mask, _ = self._predict(batch, model)
+
+            def collect(predictions):
+                target = targets.to(predictions.device)
+                out = mim_loss(predictions, target, mask, normalize_target=self.cfg.normalize_target)
+                if self.cfg.normalize_target:
+                    target = normalize_teacher_features(target)
+                cosine = F.cosine_similarity(predictions[mask].float(), target[mask].float(), dim=-1)
+                return torch.stack([out.loss.detach().double(), cosine.sum().double(),
+                                    out.num_masked.double(),
+                                    torch.tensor(float(batch.num_images), dtype=torch.float64,
+                                                 device=predictions.device)])
+
+            return output, collect
+
+        kept = forward_over_split(self, model_chunks, self.cfg.eval_data_dir, forward,
+                                  mask_ratio=self.cfg.mask_ratio, pixels_on_last_stage=True)
+        if kept is None:
+            return {}
+        totals = torch.stack(kept).sum(0)  # on the compute device: NCCL reduces CUDA tensors
+        if ps.get_data_parallel_world_size() > 1:
+            dist.all_reduce(totals, group=ps.get_data_parallel_group())
+        loss, cosine, masked, images = totals.tolist()
+        return {"mim_loss": loss / max(masked, 1.0), "mim_cosine": cosine / max(masked, 1.0),
+                "masked_tokens": masked, "num_images": images}

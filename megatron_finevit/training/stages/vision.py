@@ -117,3 +117,44 @@ class VisionStage:
         self.step = step
         if self.loader is not None:
             self.loader.set_step(step)
+
+
+def forward_over_split(stage: VisionStage, model_chunks: list, data_dir: str, forward,
+                       mask_ratio: float | None = None,
+                       pixels_on_last_stage: bool = False) -> list | None:
+    """One pass over a held-out split, this data-parallel rank's share, through megatron's
+    forward-only schedule (so pipeline parallelism works as in training).
+
+    ``forward(batch, model) -> (output, collect)`` builds one micro-batch's forward;
+    ``collect(output)`` runs on the last pipeline stage and returns what to keep. The loader is
+    seeded (seed 0) and set to the current step's resolution, so every evaluation sees the same
+    packs and, with ``mask_ratio``, the same masks; pixels are decoded on the first stage (and on
+    the last with ``pixels_on_last_stage``). Returns the kept values in order on the last stage,
+    None elsewhere.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    loader = stage.make_loader(data_dir, ps.get_data_parallel_rank(),
+                               ps.get_data_parallel_world_size(),
+                               decode_pixels=ps.is_pipeline_first_stage()
+                               or (pixels_on_last_stage and ps.is_pipeline_last_stage()),
+                               mask_ratio=mask_ratio, seed=0)
+    loader.set_step(stage.step)
+    batches = list(loader.epoch())
+    kept = []
+
+    def forward_step(data_iterator, model):
+        output, collect = forward(next(data_iterator), model)
+
+        def keep(out):
+            kept.append(collect(out))
+            return torch.zeros(()), {}
+
+        return output, keep
+
+    get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(batches), model=model_chunks,
+        num_microbatches=len(batches), seq_length=stage.cfg.data.pack_tokens,
+        micro_batch_size=1, forward_only=True)
+    return kept if ps.is_pipeline_last_stage() else None
