@@ -11,7 +11,29 @@
 # the few dependencies it really imports (numpy, packaging, psutil, and triton, which
 # transformer/moe/ops/paged_stash.py imports unconditionally). torch is pinned to the CPU build
 # 2.13.0; any other torch spec would pull a multi-GB CUDA build.
+#
+# Also, for tests/platform/test_slurm.py (a real single-node Slurm cluster): Debian's slurm-wlm
+# and munge, installed only when missing, only as root with apt-get (CI, containers), ~10 s.
+# FINEVIT_NO_SLURM=1 skips this; without Slurm that test is skipped and says why.
 set -euo pipefail
+
+install_test_slurm() {
+  if [[ -n "${FINEVIT_NO_SLURM:-}" ]] || command -v slurmctld >/dev/null 2>&1 \
+      || [[ -x /usr/sbin/slurmctld ]]; then
+    return 0
+  fi
+  if [[ $(id -u) -ne 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
+    echo "setup_env: Slurm is not installed (installing it needs root and apt-get):" \
+         "tests/platform/test_slurm.py will be skipped"
+    return 0
+  fi
+  echo "setup_env: installing Slurm and munge for the launcher test (apt-get)"
+  if ! { apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+      --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null; }; then
+    echo "setup_env: the Slurm install failed: tests/platform/test_slurm.py will be skipped"
+  fi
+}
+install_test_slurm
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${1:-"$repo/.venv"}

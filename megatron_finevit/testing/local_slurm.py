@@ -20,6 +20,7 @@ import pwd
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,6 +56,9 @@ class LocalSlurm:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         self.conf = self.root / "slurm.conf"
+        # munged runs as user munge and must reach its key and socket: a directory of its own
+        # directly under /tmp, since ``root`` may sit below a private (0700) directory
+        self.munge_dir = Path(tempfile.mkdtemp(prefix="finevit-munge-", dir="/tmp"))
         self._procs: list[subprocess.Popen] = []
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -70,7 +74,7 @@ class LocalSlurm:
         reason = missing()
         if reason:
             raise RuntimeError(reason)
-        for sub in ("state", "spool", "log", "munge"):
+        for sub in ("state", "spool", "log"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._start_munge()
         self._write_conf()
@@ -102,17 +106,18 @@ class LocalSlurm:
                     proc.kill()
                     proc.wait()
         self._procs.clear()
-        pid_file = self.root / "munge" / "munged.pid"
+        pid_file = self.munge_dir / "munged.pid"
         if pid_file.exists():
             try:
                 os.kill(int(pid_file.read_text().strip()), 15)
             except (ProcessLookupError, ValueError):
                 pass
+        shutil.rmtree(self.munge_dir, ignore_errors=True)
 
     def _start_munge(self) -> None:
         """munged as user munge (it refuses root), key and socket under ``root/munge``; the
         socket directory must be traversable by every user (mode 0755)."""
-        munge_dir = self.root / "munge"
+        munge_dir = self.munge_dir
         key = munge_dir / "munge.key"
         if not key.exists():
             subprocess.run([_binary("mungekey"), "--create", f"--keyfile={key}"], check=True,
@@ -122,16 +127,17 @@ class LocalSlurm:
             os.chown(path, user.pw_uid, user.pw_gid)
         munge_dir.chmod(0o755)
         key.chmod(0o600)
-        subprocess.run(
+        started = subprocess.run(
             ["runuser", "-u", "munge", "--", _binary("munged"), f"--key-file={key}",
              f"--socket={self.munge_socket}", f"--pid-file={munge_dir / 'munged.pid'}",
              f"--log-file={munge_dir / 'munged.log'}", f"--seed-file={munge_dir / 'munged.seed'}",
-             "--force"],
-            check=True, capture_output=True)
+             "--force"], capture_output=True, text=True)
+        if started.returncode:
+            raise RuntimeError(f"munged did not start: {started.stderr.strip()}")
 
     @property
     def munge_socket(self) -> Path:
-        return self.root / "munge" / "munge.socket"
+        return self.munge_dir / "munge.socket"
 
     def _write_conf(self) -> None:
         host = socket.gethostname()

@@ -1,0 +1,105 @@
+"""The Slurm launcher on a real single-node Slurm cluster (``testing.local_slurm``): a batch job
+runs ``slurm/launch.sh`` with two srun tasks that form one gloo world from the Slurm environment;
+USR1 sent to the batch shell (what ``#SBATCH --signal=B:USR1@N`` does before the time limit) makes
+every task checkpoint and exit with code 3, the launcher requeues the job, and the requeued run
+resumes from ``latest`` and ends with the uninterrupted job's losses.
+
+Skipped where Slurm is not installed or we are not root (``tools/setup_env.sh`` installs it when
+run as root with apt, as in CI).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megatron_finevit.testing.local_slurm import LocalSlurm, missing
+
+REPO = Path(__file__).resolve().parents[2]
+STEPS = 20
+
+pytestmark = pytest.mark.skipif(missing() is not None, reason=str(missing()))
+
+CONFIG = """\
+stage: toy_lm
+train_steps: {steps}
+global_batch_size: 4
+precision: fp32
+parallel: {{distributed_optimizer: true}}
+optim: {{lr: 3.0e-3, warmup_steps: 2}}
+checkpoint: {{dir: {ckpt}}}
+logging: {{log_interval: 1, progress_bar: false}}
+eval: {{at_start: false, at_end: false}}
+stage_config: {{num_layers: 2, step_sleep_s: 0.25}}
+"""
+
+JOB = """\
+#!/usr/bin/env bash
+#SBATCH --job-name=finevit-test
+#SBATCH --ntasks=2
+#SBATCH --cpus-per-task=1
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output={log}
+exec {repo}/slurm/launch.sh {config}
+"""
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    with LocalSlurm(tmp_path_factory.mktemp("slurm")) as cluster:
+        yield cluster
+
+
+def _submit(slurm: LocalSlurm, root: Path) -> tuple[int, Path]:
+    root.mkdir()
+    config = root / "run.yaml"
+    config.write_text(CONFIG.format(steps=STEPS, ckpt=root / "ckpt"))
+    log = root / "job.log"
+    job = root / "job.sbatch"
+    job.write_text(JOB.format(log=log, repo=REPO, config=config))
+    env = slurm.env(PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    return slurm.sbatch([f"--chdir={root}", str(job)], env=env), log
+
+
+def _losses(log_text: str) -> dict[int, str]:
+    """step -> logged loss (the last run's value for a step logged twice)."""
+    return {int(step): loss for step, loss in re.findall(r"step\s+(\d+) \| loss (\S+)", log_text)}
+
+
+def _wait_for(path: Path, pattern: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists() and re.search(pattern, path.read_text()):
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"{pattern!r} not in {path} after {timeout_s:.0f} s:\n"
+                       + (path.read_text()[-3000:] if path.exists() else "(no log)"))
+
+
+def test_preempted_job_is_requeued_and_resumes(slurm, tmp_path):
+    # the uninterrupted job: the reference losses
+    job, log = _submit(slurm, tmp_path / "uninterrupted")
+    slurm.wait_until_gone(job, timeout_s=240)
+    reference = log.read_text()
+    assert "rank 1/2 (local 1) via slurm" in reference, reference[-3000:]
+    assert sorted(_losses(reference)) == list(range(1, STEPS + 1)), reference[-3000:]
+
+    # the same job, signalled as Slurm signals it before the time limit
+    job, log = _submit(slurm, tmp_path / "preempted")
+    _wait_for(log, r"step\s+5 \|", timeout_s=120)
+    slurm.run(["scancel", "--batch", "--signal=USR1", str(job)])
+    slurm.wait_until_gone(job, timeout_s=240)
+    text = log.read_text()
+    assert "USR1 received" in text and "requeueing job" in text, text[-3000:]
+    stop = re.search(r"stopping at step (\d+) on signal", text)
+    assert stop and int(stop.group(1)) < STEPS, text[-3000:]
+    assert re.search(rf"resumed from \S+iter_{int(stop.group(1)):07d} at step", text), text[-3000:]
+    assert (tmp_path / "preempted" / "ckpt" / "latest").read_text().strip().endswith(
+        f"iter_{STEPS:07d}")
+    # the resumed run ends exactly as the uninterrupted one
+    assert _losses(text) == _losses(reference)
