@@ -42,6 +42,9 @@ class FineViTVLModel(MegatronModule):
     def __init__(self, config: FineViTVLConfig, vit_transformer_config, llm_transformer_config,
                  pre_process: bool | None = None, post_process: bool | None = None):
         super().__init__(config=llm_transformer_config)
+        if parallel_state.get_context_parallel_world_size() > 1:
+            raise ValueError("FineViT-VL has no context parallelism: use tensor, sequence and "
+                             "pipeline parallelism (context_parallel=1)")
         if vit_transformer_config.pipeline_model_parallel_size != 1:
             raise ValueError("the FineViT-VL encoder is not pipelined: build its TransformerConfig "
                              "with FineViTVLConfig.to_transformer_configs")

@@ -140,7 +140,20 @@ def layouts_world(rank: int, world_size: int, mcore_dir: str, layouts: list[Layo
         perturb_norms(model)
         save_checkpoint(model, export_dirs[name])
         exported[name] = vl_logits(model, export_config)
-    return {"loaded": loaded, "exported": exported}
+    return {"loaded": loaded, "exported": exported, "cp2_error": _cp_refusal(export_config)}
+
+
+def _cp_refusal(config) -> str:
+    """The error building FineViT-VL in a context-parallel world gives (2 ranks)."""
+    from megatron_finevit.models.vlm import FineViTVLModel
+    from megatron_finevit.platform import ParallelConfig, init_parallel
+
+    init_parallel(ParallelConfig(context_parallel=2))
+    try:
+        FineViTVLModel(config, *config.to_transformer_configs())
+    except ValueError as exc:
+        return str(exc)
+    return ""
 
 
 # --- one training step at any layout against the single-rank run --------------------------------
