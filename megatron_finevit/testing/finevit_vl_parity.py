@@ -13,7 +13,8 @@ import zlib
 import torch
 
 from megatron_finevit.models.vit import pack_images
-from megatron_finevit.testing.qwen3_parity import Layout, forward_only
+from megatron_finevit.testing.multirank import Layout
+from megatron_finevit.testing.qwen3_parity import forward_only
 
 SEED = 7
 IMAGE_TOKEN_ID = 5
@@ -55,12 +56,9 @@ def hf_image_inputs() -> tuple[torch.Tensor, torch.Tensor]:
 def build_model(config, layout: Layout, perform_initialization: bool = True):
     """This rank's ``FineViTVLModel`` at ``layout`` (megatron's groups set up here)."""
     from megatron_finevit.models.vlm import FineViTVLModel
-    from megatron_finevit.platform import ParallelConfig, init_parallel, set_seed
+    from megatron_finevit.platform import init_parallel, set_seed
 
-    assert layout.cp == 1, "FineViT-VL has no context parallelism"
-    init_parallel(ParallelConfig(tensor_parallel=layout.tp, pipeline_parallel=layout.pp,
-                                 sequence_parallel=layout.sp),
-                  num_attention_heads=config.llm.num_attention_heads,
+    init_parallel(layout.parallel_config(), num_attention_heads=config.llm.num_attention_heads,
                   num_query_groups=config.llm.num_query_groups, num_layers=config.llm.num_layers)
     set_seed(SEED)
     vit_tc, llm_tc = config.to_transformer_configs(

@@ -20,11 +20,32 @@ import os
 import shutil
 import tempfile
 import traceback
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable
 
 import torch
 import torch.multiprocessing as mp
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A parallel layout for a parity check, in short names (``Layout(tp=2, sp=True)``)."""
+
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    sp: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"tp{self.tp}_pp{self.pp}_cp{self.cp}" + ("_sp" if self.sp else "")
+
+    def parallel_config(self):
+        from megatron_finevit.platform import ParallelConfig
+
+        return ParallelConfig(tensor_parallel=self.tp, pipeline_parallel=self.pp,
+                              context_parallel=self.cp, sequence_parallel=self.sp)
 
 
 class RankFailure(RuntimeError):

@@ -10,9 +10,9 @@ Every logits tensor returned here is the full ``[T, vocab_size]`` pack in global
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-
 import torch
+
+from megatron_finevit.testing.multirank import Layout
 
 SEED = 4321
 
@@ -22,18 +22,6 @@ TEXTS = (
     "<|im_start|>user\nDescribe the image: a red bicycle leaning on a wall.<|im_end|>",
     "FineViT encodes images at native resolution; 2×2 patches merge into one token.",
 )
-
-
-@dataclass(frozen=True)
-class Layout:
-    tp: int = 1
-    pp: int = 1
-    cp: int = 1
-    sp: bool = False
-
-    @property
-    def label(self) -> str:
-        return f"tp{self.tp}_pp{self.pp}_cp{self.cp}" + ("_sp" if self.sp else "")
 
 
 def text_segments(multiple: int = 4) -> list[torch.Tensor]:
@@ -50,11 +38,9 @@ def text_segments(multiple: int = 4) -> list[torch.Tensor]:
 
 
 def setup_layout(config, layout: Layout) -> None:
-    from megatron_finevit.platform import ParallelConfig, init_parallel, set_seed
+    from megatron_finevit.platform import init_parallel, set_seed
 
-    init_parallel(ParallelConfig(tensor_parallel=layout.tp, pipeline_parallel=layout.pp,
-                                 context_parallel=layout.cp, sequence_parallel=layout.sp),
-                  num_attention_heads=config.num_attention_heads,
+    init_parallel(layout.parallel_config(), num_attention_heads=config.num_attention_heads,
                   num_query_groups=config.num_query_groups, num_layers=config.num_layers)
     set_seed(SEED)
 

@@ -23,6 +23,7 @@ from megatron_finevit.config.vit import tiny_vit
 from megatron_finevit.models.heads import MAPHead, MergeProjector, MIMHead
 from megatron_finevit.models.vit import FineViTModel, pack_images, prepare_encoder_input
 from megatron_finevit.testing.gpt_parity import make_optimizer, shard_diffs, train_step
+from megatron_finevit.testing.multirank import Layout
 
 SEED = 4321
 VIT = tiny_vit(num_layers=2)
@@ -31,25 +32,13 @@ TOTAL_TOKENS = 48  # fixed pack size (pipeline p2p shapes); a multiple of 2Â·cpÂ
 MICROBATCH_IMAGES = [[(56, 84), (28, 56)], [(84, 28), (28, 28), (56, 28)]]  # (H, W) pixels
 
 
-@dataclass(frozen=True)
-class ViTRun:
-    tp: int = 1
-    pp: int = 1
-    cp: int = 1
-    sequence_parallel: bool = False
-
-    @property
-    def label(self) -> str:
-        return f"tp{self.tp}_pp{self.pp}_cp{self.cp}" + ("_sp" if self.sequence_parallel else "")
-
-
-def build_parity_model(run: ViTRun):
+def build_parity_model(run: Layout):
     """Tiny FineViT + heads for this rank's pipeline stage, wrapped in megatron DDP."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     config = VIT.to_transformer_config(tensor_parallel=run.tp, pipeline_parallel=run.pp,
                                        context_parallel=run.cp,
-                                       sequence_parallel=run.sequence_parallel)
+                                       sequence_parallel=run.sp)
     model = ParityViT(config)
     return DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True),
                                    model)
@@ -92,7 +81,7 @@ class Microbatch:
     targets: dict
 
 
-def microbatches(run: ViTRun, cp_rank: int) -> list[Microbatch]:
+def microbatches(run: Layout, cp_rank: int) -> list[Microbatch]:
     """The fixed micro-batches (images, masks, regression targets) in this rank's layout."""
     from megatron_finevit.data.masking import random_patch_mask
 
@@ -101,7 +90,7 @@ def microbatches(run: ViTRun, cp_rank: int) -> list[Microbatch]:
     for sizes in MICROBATCH_IMAGES:
         packed = pack_images([torch.randn(3, h, w, generator=g) for h, w in sizes])
         inp = prepare_encoder_input(packed, run.cp, cp_rank,
-                                    sp_size=run.tp if run.sequence_parallel else 1,
+                                    sp_size=run.tp if run.sp else 1,
                                     total_tokens=TOTAL_TOKENS)
         mask = random_patch_mask(packed.image_lengths, 0.5, generator=g)
         n_tokens, n_images = len(mask), packed.num_images
@@ -128,7 +117,7 @@ def _forward_step(data_iterator, model):
     return output, loss_func
 
 
-def _train(run: ViTRun, model, cp_rank: int):
+def _train(run: Layout, model, cp_rank: int):
     """One Adam step (lr 1, eps 1: smooth in the gradient, as gpt_parity) over the micro-batches;
     returns (loss, grad norm, grads, per-micro-batch head outputs on the last stage)."""
     captured = []
@@ -151,12 +140,10 @@ def _train(run: ViTRun, model, cp_rank: int):
     return loss, grad_norm, grads, captured
 
 
-def _setup(run: ViTRun):
-    from megatron_finevit.platform import ParallelConfig, init_parallel, set_seed
+def _setup(run: Layout):
+    from megatron_finevit.platform import init_parallel, set_seed
 
-    init_parallel(ParallelConfig(tensor_parallel=run.tp, pipeline_parallel=run.pp,
-                                 context_parallel=run.cp, sequence_parallel=run.sequence_parallel),
-                  num_attention_heads=VIT.num_attention_heads, num_layers=VIT.num_layers)
+    init_parallel(run.parallel_config(), num_attention_heads=VIT.num_attention_heads, num_layers=VIT.num_layers)
     set_seed(SEED)
 
 
@@ -166,7 +153,7 @@ def reference_run(rank: int, world_size: int, ckpt_dir: str) -> dict:
     from megatron.core import dist_checkpointing
 
     assert world_size == 1
-    run = ViTRun()
+    run = Layout()
     _setup(run)
     model = build_parity_model(run)
     os.makedirs(ckpt_dir, exist_ok=True)
@@ -179,13 +166,13 @@ def reference_run(rank: int, world_size: int, ckpt_dir: str) -> dict:
 
 def parallel_run(rank: int, world_size: int, ckpt_dir: str, oracle: dict,
                  runs: list[dict]) -> dict:
-    """Every layout in ``runs`` (ViTRun kwargs) against the oracle: max abs differences of the
+    """Every layout in ``runs`` (Layout kwargs) against the oracle: max abs differences of the
     outputs (last stage), loss, gradients and updated weights, per layout label."""
     from megatron.core import dist_checkpointing
 
     report = {}
     for kwargs in runs:
-        run = replace(ViTRun(), **kwargs)
+        run = replace(Layout(), **kwargs)
         _setup(run)
         model = build_parity_model(run)
         model.module.load_state_dict(
@@ -225,7 +212,7 @@ def model_checks(rank: int, world_size: int) -> dict:
     the mask token, and the paper preset's parameters built on the meta device."""
     from megatron_finevit.config.vit import finevit_0p86b
 
-    run = ViTRun()
+    run = Layout()
     _setup(run)
     vit = tiny_vit()
     model = FineViTModel(vit, vit.to_transformer_config(), mask_token=True)
@@ -298,7 +285,7 @@ def head_checks(rank: int, world_size: int) -> dict:
 
     from megatron_finevit.models.heads import MAPHead, MergeProjector, MIMHead
 
-    _setup(ViTRun())
+    _setup(Layout())
     config = VIT.to_transformer_config()
     h = VIT.hidden_size
     mim, map_head, projector = MIMHead(config, TEACHER_DIM), MAPHead(config, TEXT_DIM), \

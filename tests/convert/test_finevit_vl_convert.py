@@ -32,7 +32,7 @@ from megatron_finevit.testing.finevit_vl_parity import (
     tiny_vl_config,
 )
 from megatron_finevit.testing.multirank import run_world
-from megatron_finevit.testing.qwen3_parity import Layout
+from megatron_finevit.testing.multirank import Layout
 
 ORACLE_TOL = 1e-4
 TEXT = dict(model_type="qwen3", vocab_size=64, hidden_size=32, intermediate_size=48,

@@ -8,7 +8,8 @@ import torch
 
 from megatron_finevit.config.llm import qwen3_preset, tiny_qwen3
 from megatron_finevit.testing.multirank import run_world
-from megatron_finevit.testing.qwen3_parity import Layout, layouts_world, oracle_world
+from megatron_finevit.testing.multirank import Layout
+from megatron_finevit.testing.qwen3_parity import layouts_world, oracle_world
 
 TOL = 1e-5
 LAYOUTS = [Layout(tp=2), Layout(tp=2, sp=True), Layout(pp=2), Layout(cp=2)]

@@ -5,11 +5,12 @@ gives the single-rank run's outputs, loss, gradients and updated weights (fp32, 
 import pytest
 
 from megatron_finevit.testing.multirank import run_world
-from megatron_finevit.testing.vit_parity import ViTRun, parallel_run, reference_run
+from megatron_finevit.testing.multirank import Layout
+from megatron_finevit.testing.vit_parity import parallel_run, reference_run
 
 TOL = 1e-5
-RUNS_2 = [dict(tp=2), dict(tp=2, sequence_parallel=True), dict(cp=2), dict(pp=2)]
-RUNS_4 = [dict(tp=2, cp=2, sequence_parallel=True), dict(tp=2, pp=2), dict(cp=4)]
+RUNS_2 = [dict(tp=2), dict(tp=2, sp=True), dict(cp=2), dict(pp=2)]
+RUNS_4 = [dict(tp=2, cp=2, sp=True), dict(tp=2, pp=2), dict(cp=4)]
 
 
 @pytest.fixture(scope="module")
@@ -21,10 +22,10 @@ def reports(tmp_path_factory):
     return oracle, ranks
 
 
-@pytest.mark.parametrize("run", RUNS_2 + RUNS_4, ids=lambda kw: ViTRun(**kw).label)
+@pytest.mark.parametrize("run", RUNS_2 + RUNS_4, ids=lambda kw: Layout(**kw).label)
 def test_matches_single_rank(reports, run):
     oracle, ranks = reports
-    label = ViTRun(**run).label
+    label = Layout(**run).label
     per_rank = [r[label] for r in ranks if label in r]
     world = run.get("tp", 1) * run.get("pp", 1) * run.get("cp", 1)
     assert len(per_rank) == world

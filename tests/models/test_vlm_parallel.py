@@ -16,7 +16,7 @@ from megatron_finevit.testing.finevit_vl_parity import (
     train_oracle_world,
 )
 from megatron_finevit.testing.multirank import run_world
-from megatron_finevit.testing.qwen3_parity import Layout
+from megatron_finevit.testing.multirank import Layout
 
 TOL = 1e-5
 CONFIG = tiny_vl_config()
