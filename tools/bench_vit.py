@@ -3,6 +3,7 @@
     python tools/bench_vit.py --quick          # small model (width 384), < 1 minute on 2 cores
     python tools/bench_vit.py                  # the paper's layer shape (width 1536), 4 layers
     python tools/bench_vit.py --layers 28      # the whole 0.86B encoder (slow on a CPU)
+    python tools/bench_vit.py --device cuda --layers 28   # one GPU, bf16, a 24-image pack
 
 Both towers get the same depth, width, heads and SwiGLU FFN, the same 2×2 merge to the same
 output width, and the same packed batch of mixed-resolution images (patches in the same
@@ -14,8 +15,10 @@ negligible: it has biases in qkv / MLP (we have none), no final norm before the 
 The two are timed alternately, ``--reps`` times each after a warm-up; medians are reported.
 Also printed: a pack of 16 images against a single image of the same size (ours; the ratio
 should stay near 16: packing must not cost more than running the images one by one), and
-``cpu_mfu``: our achieved matmul FLOP/s over the machine's large-GEMM FLOP/s measured in the same
-run. The last line is ``ratio_vs_hf=<ours / theirs tokens per second>``.
+``cpu_mfu`` (``cuda_mfu``): our achieved matmul FLOP/s over the machine's large-GEMM FLOP/s (fp32
+2048³ on CPU, bf16 8192³ on a GPU) measured in the same run. On a GPU both towers run in bf16
+(megatron's bf16 parameters; the HF tower cast with ``.to``), with CUDA synchronised around every
+timed step. The last line is ``ratio_vs_hf=<ours / theirs tokens per second>``.
 """
 
 from __future__ import annotations
@@ -33,8 +36,9 @@ from tqdm import tqdm
 
 QUICK_SIZES = [(224, 224), (168, 280), (112, 196)]  # 608 patches
 FULL_SIZES = [(336, 336), (224, 392), (168, 224)]  # 1,216 patches
+GPU_SIZES = FULL_SIZES * 8  # 9,728 patches: enough work to fill a GPU
 SCALING_SIZE = (112, 112)  # the 16-vs-1 image: 64 patches
-GEMM_SIZE = 2048
+GEMM_SIZE = {"cpu": 2048, "cuda": 8192}
 
 
 def _free_port() -> str:
@@ -46,12 +50,12 @@ def _free_port() -> str:
 class OurTower(torch.nn.Module):
     """FineViT encoder + merge projector: the same work as the Qwen2.5-VL tower's forward."""
 
-    def __init__(self, vit, out_dim: int):
+    def __init__(self, vit, out_dim: int, dtype: torch.dtype = torch.float32):
         super().__init__()
         from megatron_finevit.models.heads import MergeProjector
         from megatron_finevit.models.vit import FineViTModel
 
-        config = vit.to_transformer_config()
+        config = vit.to_transformer_config(params_dtype=dtype)
         self.encoder = FineViTModel(vit, config)
         self.projector = MergeProjector(config, out_dim)
 
@@ -84,18 +88,37 @@ def forward_flops(vit, lengths: list[int], out_dim: int) -> float:
     return vit.num_layers * per_layer + 2 * tokens * vit.patch_dim * h + merge
 
 
-def gemm_step(size: int = 2048):
-    """One large fp32 GEMM (``2·size³`` FLOPs): the machine's reference matmul throughput."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def gemm_step(size: int, device: str, dtype: torch.dtype):
+    """One large GEMM (``2·size³`` FLOPs): the machine's reference matmul throughput."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
     return lambda: a @ b
 
 
 def _timed(step) -> tuple[float, float]:
     """(wall-clock, process CPU) seconds of one call: on a shared machine the CPU time shows
-    what the wall clock loses to other processes."""
+    what the wall clock loses to other processes. CUDA work is waited for on both sides."""
+    cuda = torch.cuda.is_initialized()
+    if cuda:
+        torch.cuda.synchronize()
     wall, cpu = time.perf_counter(), time.process_time()
     step()
+    if cuda:
+        torch.cuda.synchronize()
     return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def _on(inp, device: str, dtype: torch.dtype):
+    """The encoder input with its patch rows on ``device`` in ``dtype`` (the model moves the
+    small index tensors itself)."""
+    inp.patches = inp.patches.to(device, dtype)
+    return inp
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"CPU, {torch.get_num_threads()} threads"
 
 
 def _fwd_bwd(model, run):
@@ -116,6 +139,8 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions per model (default 5)")
     parser.add_argument("--out-dim", type=int, default=None, help="merger output width")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: one GPU, both towers in bf16")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=UserWarning)
     if args.threads:
@@ -133,25 +158,29 @@ def main() -> int:
                      num_layers=args.layers)
     reps = args.reps or 5
     out_dim = args.out_dim or (512 if args.quick else 2048)
-    sizes = QUICK_SIZES if args.quick else FULL_SIZES
+    sizes = QUICK_SIZES if args.quick else (GPU_SIZES if args.device == "cuda" else FULL_SIZES)
+    device = args.device
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
 
     g = torch.Generator().manual_seed(0)
     packed = pack_images([torch.randn(3, h, w, generator=g) for h, w in sizes])
-    inp = prepare_encoder_input(packed)
-    grid_thw = torch.tensor([[1, gh, gw] for gh, gw in packed.grids.tolist()])
+    inp = _on(prepare_encoder_input(packed), device, dtype)
+    patches = packed.patches.to(device, dtype)
+    grid_thw = torch.tensor([[1, gh, gw] for gh, gw in packed.grids.tolist()], device=device)
     tokens = len(packed.patches)
-    ours, theirs = OurTower(vit, out_dim), build_hf_tower(vit, out_dim)
+    ours = OurTower(vit, out_dim, dtype).to(device)
+    theirs = build_hf_tower(vit, out_dim).to(device, dtype)
     n_ours = sum(p.numel() for p in ours.parameters())
     n_theirs = sum(p.numel() for p in theirs.parameters())
     print(f"bench_vit: {vit.num_layers} layers, hidden {vit.hidden_size}, FFN "
           f"{vit.ffn_hidden_size}, {vit.num_attention_heads} heads; {len(sizes)} images, "
-          f"{tokens} tokens per pack; {torch.get_num_threads()} threads; params ours "
+          f"{tokens} tokens per pack; {_device_name(device)}, {dtype}; params ours "
           f"{n_ours / 1e6:.1f}M, qwen2.5-vl tower {n_theirs / 1e6:.1f}M", flush=True)
 
     # the GEMM reference runs between the towers, so all three see the same machine load
     steps = {"ours": _fwd_bwd(ours, lambda: ours(inp)),
-             "qwen2.5-vl": _fwd_bwd(theirs, lambda: theirs(packed.patches, grid_thw).pooler_output),
-             "gemm": gemm_step(GEMM_SIZE)}
+             "qwen2.5-vl": _fwd_bwd(theirs, lambda: theirs(patches, grid_thw).pooler_output),
+             "gemm": gemm_step(GEMM_SIZE[device], device, dtype)}
     times, cpu_times = {name: [] for name in steps}, {name: [] for name in steps}
     for step in steps.values():
         step()  # warm-up
@@ -169,9 +198,10 @@ def main() -> int:
 
     # packing scales linearly: 16 images of one size vs that image alone (ours)
     side = SCALING_SIZE
-    one = prepare_encoder_input(pack_images([torch.randn(3, *side, generator=g)]))
-    sixteen = prepare_encoder_input(pack_images([torch.randn(3, *side, generator=g)
-                                                 for _ in range(16)]))
+    one = _on(prepare_encoder_input(pack_images([torch.randn(3, *side, generator=g)])),
+              device, dtype)
+    sixteen = _on(prepare_encoder_input(pack_images([torch.randn(3, *side, generator=g)
+                                                     for _ in range(16)])), device, dtype)
     scale_steps = {"1": _fwd_bwd(ours, lambda: ours(one)), "16": _fwd_bwd(ours, lambda: ours(sixteen))}
     scale_times = {name: [] for name in scale_steps}
     for step in scale_steps.values():
@@ -184,13 +214,15 @@ def main() -> int:
           f"-> time_ratio_16_vs_1={t16 / t1:.2f}")
 
     achieved = 3 * forward_flops(vit, packed.image_lengths, out_dim) / statistics.median(times["ours"])
-    peak = 2 * GEMM_SIZE ** 3 / statistics.median(times["gemm"])
+    size = GEMM_SIZE[device]
+    peak = 2 * size ** 3 / statistics.median(times["gemm"])
     print(f"achieved {achieved / 1e9:.1f} GFLOP/s (fwd+bwd = 3x forward matmul FLOPs); "
-          f"large-GEMM {peak / 1e9:.1f} GFLOP/s ({GEMM_SIZE}^3 fp32 matmul, median of "
+          f"large-GEMM {peak / 1e9:.1f} GFLOP/s ({size}^3 {dtype} matmul, median of "
           f"{len(times['gemm'])} between the towers' runs)")
-    print(f"cpu_mfu={achieved / peak:.3f}")
-    cpu_ratio = statistics.median(cpu_times["qwen2.5-vl"]) / statistics.median(cpu_times["ours"])
-    print(f"cpu_time_ratio_vs_hf={cpu_ratio:.3f} (theirs / ours process CPU seconds per step)")
+    print(f"{device}_mfu={achieved / peak:.3f}")
+    if device == "cpu":
+        cpu_ratio = statistics.median(cpu_times["qwen2.5-vl"]) / statistics.median(cpu_times["ours"])
+        print(f"cpu_time_ratio_vs_hf={cpu_ratio:.3f} (theirs / ours process CPU seconds per step)")
     print(f"ratio_vs_hf={tps['ours'] / tps['qwen2.5-vl']:.3f}")
     return 0
 

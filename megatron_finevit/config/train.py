@@ -79,6 +79,17 @@ class TrainConfig:
     eval: EvalSection = field(default_factory=EvalSection)
     stage_config: dict[str, Any] = field(default_factory=dict)
 
+    def params_dtype(self):
+        """The models' parameter dtype: bf16 for precision bf16, or auto on a CUDA device (the
+        stages build their TransformerConfigs with it; the trainer wraps bf16 models in
+        megatron's Float16Module); else fp32."""
+        import torch
+
+        if self.precision == "auto":
+            on_gpu = self.device != "cpu" and torch.cuda.is_available()
+            return torch.bfloat16 if on_gpu else torch.float32
+        return torch.bfloat16 if self.precision == "bf16" else torch.float32
+
     def validate(self) -> None:
         problems = []
         if self.engine not in ("megatron", "deepspeed"):

@@ -2,7 +2,12 @@
 state, seeding, and the megatron-core CPU compatibility layer."""
 
 from megatron_finevit.platform.device import Backend, detect_backend
-from megatron_finevit.platform.distributed import DistEnv, dist_env_from_environ, init_distributed
+from megatron_finevit.platform.distributed import (
+    DistEnv,
+    collective_device,
+    dist_env_from_environ,
+    init_distributed,
+)
 from megatron_finevit.platform.parallel import ParallelConfig, destroy_parallel, init_parallel
 from megatron_finevit.platform.seed import set_seed
 
@@ -11,6 +16,7 @@ __all__ = [
     "detect_backend",
     "DistEnv",
     "dist_env_from_environ",
+    "collective_device",
     "init_distributed",
     "ParallelConfig",
     "init_parallel",

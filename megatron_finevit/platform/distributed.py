@@ -93,6 +93,14 @@ def dist_env_from_environ(environ: dict[str, str] | None = None) -> DistEnv:
     return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 29500)), "single")
 
 
+def collective_device() -> torch.device:
+    """Where tensors for torch.distributed collectives must live: this process's GPU under NCCL
+    (it reduces CUDA tensors only), the CPU under gloo."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def init_distributed(backend: Backend | None = None, timeout_minutes: float = 10.0,
                      environ: dict[str, str] | None = None) -> DistEnv:
     """Initialise torch.distributed (idempotent) and, on CUDA, bind this process to its GPU."""

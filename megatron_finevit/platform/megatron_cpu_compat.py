@@ -7,7 +7,10 @@ between megatron-core and a correct gloo run, so we answer each one with a small
 
 Rules:
 - Shims are applied only when CUDA is unavailable (``apply_cpu_compat`` is a no-op otherwise), so
-  nothing changes on a GPU cluster.
+  nothing changes on a GPU cluster — except ``torch_adam_step_on_load``, which answers a bug of
+  megatron's torch-Adam fallback, not of the CPU: ``apply_torch_adam_fixes`` applies it on a GPU
+  too when neither TransformerEngine nor Apex provides megatron's fused Adam (found by the GPU
+  test of an exact resume, tests/gpu).
 - Applying is idempotent, and every shim can be removed again (``remove_cpu_compat``), which lets
   the tests prove that each shim is needed: remove it, watch the megatron-core call it answers
   fail, put it back, watch it pass (tests/platform/test_megatron_cpu_compat.py).
@@ -409,6 +412,18 @@ def apply_cpu_compat(skip: tuple[str, ...] = (), force: bool = False) -> list[st
         shim.apply()
         applied.append(shim.name)
     return applied
+
+
+def apply_torch_adam_fixes() -> list[str]:
+    """Apply ``torch_adam_step_on_load`` where megatron's optimizer falls back to torch's Adam
+    (no TransformerEngine / Apex: always on CPU, and on GPUs without them). Returns the names."""
+    from megatron.core import optimizer
+
+    if not getattr(optimizer, "USING_PYTORCH_OPTIMIZER", False):
+        return []
+    (shim,) = _shims_by_name(["torch_adam_step_on_load"])
+    shim.apply()
+    return [shim.name]
 
 
 def remove_cpu_compat(names: tuple[str, ...] | None = None) -> None:

@@ -29,6 +29,7 @@ class RunConfig:
     seq_length: int = 16
     vocab_size: int = 128
     num_layers: int = 4
+    params_dtype: torch.dtype = torch.float32
 
 
 def tiny_qwen3(run: RunConfig):
@@ -42,9 +43,10 @@ def tiny_qwen3(run: RunConfig):
 
 
 def tiny_qwen3_config(run: RunConfig):
-    """megatron ``TransformerConfig`` of ``tiny_qwen3`` at ``run``'s TP / PP / SP (fp32)."""
+    """megatron ``TransformerConfig`` of ``tiny_qwen3`` at ``run``'s TP / PP / SP and dtype."""
     return tiny_qwen3(run).to_transformer_config(run.tp, run.pp,
-                                                 sequence_parallel=run.sequence_parallel)
+                                                 sequence_parallel=run.sequence_parallel,
+                                                 params_dtype=run.params_dtype)
 
 
 def build_gpt_module(run: RunConfig, pre_process: bool, post_process: bool):

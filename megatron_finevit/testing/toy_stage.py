@@ -78,7 +78,7 @@ class ToyLMStage:
                              distributed_optimizer=p.distributed_optimizer,
                              micro_batch_size=self.cfg.micro_batch_size,
                              seq_length=self.cfg.seq_length, vocab_size=self.cfg.vocab_size,
-                             num_layers=self.cfg.num_layers)
+                             num_layers=self.cfg.num_layers, params_dtype=run.params_dtype())
         self.step = 0
 
     def model_dims(self) -> dict[str, int]:
@@ -97,9 +97,10 @@ class ToyLMStage:
         return self.cfg.seq_length, self.cfg.micro_batch_size
 
     def forward_step(self, batch, model):
-        tokens = batch["tokens"]
-        position_ids = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
-        output = model(tokens, position_ids, None, labels=batch["labels"])
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        tokens, labels = batch["tokens"].to(device), batch["labels"].to(device)
+        position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
+        output = model(tokens, position_ids, None, labels=labels)
         poison = self.step in self.cfg.nan_loss_steps
 
         def loss_fn(output_tensor):

@@ -11,6 +11,9 @@ def build_optimizer(cfg: TrainConfig, model_chunks, bf16: bool, overrides: dict 
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.optimizer import get_megatron_optimizer
 
+    from megatron_finevit.platform.megatron_cpu_compat import apply_torch_adam_fixes
+
+    apply_torch_adam_fixes()  # megatron's torch-Adam fallback cannot reload its state otherwise
     for chunk in model_chunks:
         chunk.config.finalize_model_grads_func = finalize_model_grads
         chunk.config.no_sync_func = chunk.no_sync

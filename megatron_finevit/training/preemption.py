@@ -13,6 +13,8 @@ import signal
 import torch
 import torch.distributed as dist
 
+from megatron_finevit.platform.distributed import collective_device
+
 log = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -31,7 +33,7 @@ class PreemptionHandler:
                     signal.Signals(signum).name)
 
     def should_stop(self) -> bool:
-        flag = torch.tensor([1 if self.received is not None else 0])
+        flag = torch.tensor([1 if self.received is not None else 0], device=collective_device())
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())

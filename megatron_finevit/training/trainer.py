@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_finevit.config.train import TrainConfig
+from megatron_finevit.platform.distributed import collective_device
 from megatron_finevit.training.checkpointing import (
     TrainState,
     latest_checkpoint,
@@ -39,9 +40,7 @@ class TooManyBadSteps(RuntimeError):
 
 
 def use_bf16(cfg: TrainConfig) -> bool:
-    if cfg.precision == "auto":
-        return torch.cuda.is_available()
-    return cfg.precision == "bf16"
+    return cfg.params_dtype() == torch.bfloat16
 
 
 def build_stage_module(stage, bf16: bool) -> torch.nn.Module:
@@ -207,10 +206,12 @@ class Trainer:
         if metrics:  # last pipeline stage: average over the data-parallel replicas
             from megatron.core import parallel_state
 
-            values = torch.tensor(list(metrics.values()), dtype=torch.float64)
+            values = torch.tensor(list(metrics.values()), dtype=torch.float64,
+                                  device=collective_device())
             dist.all_reduce(values, group=parallel_state.get_data_parallel_group())
             metrics = dict(zip(metrics, (values / self.dp_size).tolist()))
-        finite = torch.tensor([1 if all(math.isfinite(v) for v in metrics.values()) else 0])
+        finite = torch.tensor([1 if all(math.isfinite(v) for v in metrics.values()) else 0],
+                              device=collective_device())
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         return metrics, bool(finite.item())
 
@@ -231,8 +232,8 @@ class Trainer:
         so nothing is counted twice)."""
         from megatron.core import parallel_state as ps
 
-        local = torch.tensor([sum(w[i] for w in work) for i in range(3)], dtype=torch.float64) \
-            if work else torch.zeros(3, dtype=torch.float64)
+        local = torch.tensor([sum(w[i] for w in work) for i in range(3)] if work else [0.0] * 3,
+                             dtype=torch.float64, device=collective_device())
         if ps.get_tensor_model_parallel_rank() or ps.get_pipeline_model_parallel_rank() or \
                 ps.get_context_parallel_rank():
             local.zero_()

@@ -22,6 +22,7 @@ from megatron_finevit.evaluation import (
     retrieval_recall,
     zero_shot_accuracy,
 )
+from megatron_finevit.platform.distributed import collective_device
 from megatron_finevit.training.stages.vision import forward_over_split
 
 ZERO_SHOT_TEMPLATES = ("{}.", "{} in the center.")
@@ -67,7 +68,8 @@ def evaluate_contrastive(stage, model_chunks, data_dir: str) -> dict[str, float]
     if local is None:
         return {}
     group = ps.get_data_parallel_group() if ps.get_data_parallel_world_size() > 1 else None
-    image, text, labels = (gather_rows(t, group) for t in local)
+    device = collective_device()  # NCCL gathers CUDA tensors; scoring then runs on the CPU
+    image, text, labels = (gather_rows(t.to(device), group).cpu() for t in local)
     results = retrieval_recall(image, text, torch.arange(len(image)))
     results["chance_r1"] = 1.0 / len(image)
     results["num_images"] = float(len(image))

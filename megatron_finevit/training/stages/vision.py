@@ -70,12 +70,10 @@ class VisionStage:
 
     def transformer_config(self):
         p = self.run.parallel
-        dtype = torch.bfloat16 if self.run.precision == "bf16" or (
-            self.run.precision == "auto" and torch.cuda.is_available()) else torch.float32
         return self.vit.to_transformer_config(
             tensor_parallel=p.tensor_parallel, pipeline_parallel=p.pipeline_parallel,
             context_parallel=p.context_parallel, sequence_parallel=p.sequence_parallel,
-            params_dtype=dtype)
+            params_dtype=self.run.params_dtype())
 
     def sequence_shape(self) -> tuple[int, int]:
         return self.cfg.data.pack_tokens, 1
