@@ -101,7 +101,7 @@ def convert_world(rank: int, world_size: int, hf_dir: str, mcore_dir: str,
     pipeline; the converted checkpoint's logits at TP = PP = 1."""
     from megatron_finevit.convert.pipeline import hf_to_megatron, load_model_config, megatron_to_hf
     from megatron_finevit.platform.parallel import destroy_parallel
-    from megatron_finevit.testing.qwen3_parity import load_checkpoint
+    from megatron_finevit.testing.gpt_parity import load_checkpoint
 
     assert world_size == 1
     hf_to_megatron("finevit-vl", hf_dir, mcore_dir, 2, 2, progress=False)
@@ -124,7 +124,7 @@ def layouts_world(rank: int, world_size: int, mcore_dir: str, layouts: list[Layo
     saves, and returns its logits, to compare with transformers on the HF export.
     """
     from megatron_finevit.convert.pipeline import load_model_config
-    from megatron_finevit.testing.qwen3_parity import load_checkpoint, save_checkpoint
+    from megatron_finevit.testing.gpt_parity import load_checkpoint, save_checkpoint
 
     config = load_model_config("finevit-vl", mcore_dir)
     loaded = {}
@@ -199,7 +199,7 @@ def train_one_step(config, layout: Layout, ckpt_dir: str, save: bool) -> tuple:
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from megatron_finevit.testing.gpt_parity import make_optimizer, train_step
-    from megatron_finevit.testing.qwen3_parity import load_checkpoint, save_checkpoint
+    from megatron_finevit.testing.gpt_parity import load_checkpoint, save_checkpoint
 
     model = build_model(config, layout, perform_initialization=save)
     if save:
@@ -232,18 +232,14 @@ def train_layouts_world(rank: int, world_size: int, ckpt_dir: str, oracle: dict,
     and updated weights against the oracle's matching TP shards, by name."""
     from megatron.core import parallel_state
 
-    from megatron_finevit.testing.gpt_parity import shard_diffs
+    from megatron_finevit.testing.gpt_parity import step_diffs
 
     report = {}
     for run_name, (config, layout) in runs.items():
         model, loss, grad_norm, grads = train_one_step(config, layout, ckpt_dir, save=False)
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
-        diffs = shard_diffs(model.module, grads, oracle, layout.tp, tp_rank,
-                            oracle_name=_tied_output_as_embedding(oracle))
-        diffs["grad_norm"] = abs(grad_norm - oracle["grad_norm"])
-        if loss is not None:
-            diffs["loss"] = abs(loss - oracle["loss"])
-        report[run_name] = diffs
+        report[run_name] = step_diffs(model.module, loss, grad_norm, grads, oracle, layout.tp,
+                                      tp_rank, oracle_name=_tied_output_as_embedding(oracle))
     return report
 
 

@@ -177,12 +177,32 @@ def oracle_shard(full: torch.Tensor, param: torch.Tensor, name: str, tp: int, tp
     return full.chunk(tp, dim=dim)[tp_rank]
 
 
-def shard_diffs(module, grads: dict, oracle: dict, tp: int, tp_rank: int,
-                check_grads: bool = True, oracle_name=None) -> dict:
-    """Max abs difference of this rank's updated weights (and ``grads``, by local name) from the
-    oracle's matching TP shards; ``oracle_name(global name) -> oracle key`` renames where the
-    single-rank model differs. Returns ``{"weight", "grad", "params": [oracle keys checked]}``."""
-    diffs = {"grad": 0.0, "weight": 0.0, "params": []}
+def load_checkpoint(model, ckpt_dir: str) -> None:
+    """Load ``model`` (unwrapped) from a dist_checkpointing directory saved at any layout."""
+    from megatron.core import dist_checkpointing
+
+    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), ckpt_dir))
+
+
+def save_checkpoint(model, ckpt_dir: str) -> None:
+    """Save ``model`` (unwrapped) with dist_checkpointing, as the trainer does."""
+    from megatron.core import dist_checkpointing
+
+    os.makedirs(ckpt_dir, exist_ok=True)
+    dist_checkpointing.save(model.sharded_state_dict(), ckpt_dir)
+
+
+def step_diffs(module, loss: float | None, grad_norm: float, grads: dict, oracle: dict,
+               tp: int, tp_rank: int, check_grads: bool = True, oracle_name=None) -> dict:
+    """One parallel step against the oracle's: ``grad_norm``, ``loss`` (last pipeline stage only:
+    ``loss`` None elsewhere) and the max abs difference of this rank's updated weights (and
+    ``grads``, by local name) from the oracle's matching TP shards; ``oracle_name(global name) ->
+    oracle key`` renames where the single-rank model differs. Returns ``{"grad_norm", ["loss"],
+    "weight", "grad", "params": [oracle keys checked]}``."""
+    diffs = {"grad_norm": abs(grad_norm - oracle["grad_norm"]), "grad": 0.0, "weight": 0.0,
+             "params": []}
+    if loss is not None:
+        diffs["loss"] = abs(loss - oracle["loss"])
     for name, param in module.named_parameters():
         gname = global_name(module, name)
         gname = oracle_name(gname) if oracle_name else gname
@@ -207,14 +227,11 @@ def _setup(run: RunConfig):
 def reference_run(rank: int, world_size: int, ckpt_dir: str) -> dict:
     """The single-rank oracle: saves its initial weights to ``ckpt_dir`` and returns loss, grad
     norm, gradients and post-step weights, all keyed by parameter name."""
-    from megatron.core import dist_checkpointing
-
     assert world_size == 1
     run = RunConfig()
     _setup(run)
     model = build_gpt(run)
-    os.makedirs(ckpt_dir, exist_ok=True)
-    dist_checkpointing.save(model.module.sharded_state_dict(), ckpt_dir)
+    save_checkpoint(model.module, ckpt_dir)
     loss, grad_norm, grads = train_one_step(run, model, 0, 1)
     weights = {n: p.detach().clone() for n, p in model.module.named_parameters()}
     return {"loss": loss, "grad_norm": grad_norm, "grads": grads, "weights": weights}
@@ -224,28 +241,25 @@ def parallel_run(rank: int, world_size: int, ckpt_dir: str, oracle: dict, runs: 
                  tp2_ckpt_dir: str) -> dict:
     """Every configuration in ``runs`` (RunConfig kwargs) against the oracle; then a TP=2
     dist_checkpointing save loaded at TP=1. Returns max abs differences per configuration."""
-    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core import parallel_state
 
     report = {}
     for kwargs in runs:
         run = replace(RunConfig(), **kwargs)
         _setup(run)
         model = build_gpt(run)
-        model.module.load_state_dict(
-            dist_checkpointing.load(model.module.sharded_state_dict(), ckpt_dir))
+        load_checkpoint(model.module, ckpt_dir)
         tp, tp_rank = run.tp, parallel_state.get_tensor_model_parallel_rank()
         dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
         loss, grad_norm, grads = train_one_step(run, model, dp_rank, dp)
-        diffs = {"grad_norm": abs(grad_norm - oracle["grad_norm"])}
         if loss is not None:  # last pipeline stage: the global-batch loss is the DP average
             loss_t = torch.tensor([loss], dtype=torch.float64)
             torch.distributed.all_reduce(loss_t, group=parallel_state.get_data_parallel_group())
-            diffs["loss"] = abs(loss_t.item() / dp - oracle["loss"])
+            loss = loss_t.item() / dp
         # with the distributed optimizer main_grad holds only this rank's shard: weights only
-        shards = shard_diffs(model.module, grads, oracle, tp, tp_rank,
-                             check_grads=not run.distributed_optimizer)
-        diffs.update(grad=shards["grad"], weight=shards["weight"],
-                     num_params=len(shards["params"]))
+        diffs = step_diffs(model.module, loss, grad_norm, grads, oracle, tp, tp_rank,
+                           check_grads=not run.distributed_optimizer)
+        diffs["num_params"] = len(diffs.pop("params"))
         report[_label(run)] = diffs
 
     report["checkpoint_tp2_to_tp1"] = _checkpoint_reshard(tp2_ckpt_dir)
@@ -274,19 +288,18 @@ def _logits(model, run: RunConfig) -> torch.Tensor:
 
 def _checkpoint_reshard(ckpt_dir: str) -> dict:
     """Train a TP=2 model one step, save it, load it into a TP=1 model: same logits."""
-    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core import parallel_state
 
     run = replace(RunConfig(), tp=2)
     _setup(run)
     model = build_gpt(run)
     train_one_step(run, model, 0, 1)  # move weights away from their initial values
     before = _logits(model.module, run)
-    os.makedirs(ckpt_dir, exist_ok=True)
-    dist_checkpointing.save(model.module.sharded_state_dict(), ckpt_dir)
+    save_checkpoint(model.module, ckpt_dir)
     run1 = RunConfig()
     _setup(run1)
     model1 = build_gpt(run1)
-    model1.module.load_state_dict(dist_checkpointing.load(model1.module.sharded_state_dict(), ckpt_dir))
+    load_checkpoint(model1.module, ckpt_dir)
     after = _logits(model1.module, run1)
     return {"logits": (before - after).abs().max().item(),
             "dp_size_at_load": parallel_state.get_data_parallel_world_size()}

@@ -9,9 +9,9 @@ Every logits tensor returned here is the full ``[T, vocab_size]`` pack in global
 
 from __future__ import annotations
 
-import os
 import torch
 
+from megatron_finevit.testing.gpt_parity import load_checkpoint, save_checkpoint
 from megatron_finevit.testing.multirank import Layout
 
 SEED = 4321
@@ -51,19 +51,6 @@ def build_model(config, layout: Layout, perform_initialization: bool = True):
     tc = config.to_transformer_config(layout.tp, layout.pp, layout.cp, layout.sp,
                                       perform_initialization=perform_initialization)
     return build_qwen3(config, tc)
-
-
-def load_checkpoint(model, ckpt_dir: str) -> None:
-    from megatron.core import dist_checkpointing
-
-    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), ckpt_dir))
-
-
-def save_checkpoint(model, ckpt_dir: str) -> None:
-    from megatron.core import dist_checkpointing
-
-    os.makedirs(ckpt_dir, exist_ok=True)
-    dist_checkpointing.save(model.sharded_state_dict(), ckpt_dir)
 
 
 @torch.no_grad()

@@ -12,7 +12,6 @@ mixed-size images with a padding tail; under CP=4 the images are also padded per
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -22,7 +21,13 @@ from megatron.core.transformer.module import MegatronModule
 from megatron_finevit.config.vit import tiny_vit
 from megatron_finevit.models.heads import MAPHead, MergeProjector, MIMHead
 from megatron_finevit.models.vit import FineViTModel, pack_images, prepare_encoder_input
-from megatron_finevit.testing.gpt_parity import make_optimizer, shard_diffs, train_step
+from megatron_finevit.testing.gpt_parity import (
+    load_checkpoint,
+    make_optimizer,
+    save_checkpoint,
+    step_diffs,
+    train_step,
+)
 from megatron_finevit.testing.multirank import Layout
 
 SEED = 4321
@@ -150,14 +155,11 @@ def _setup(run: Layout):
 def reference_run(rank: int, world_size: int, ckpt_dir: str) -> dict:
     """The single-rank oracle: saves its initial weights to ``ckpt_dir``; returns loss, grad norm,
     gradients, post-step weights (by parameter name) and the head outputs per micro-batch."""
-    from megatron.core import dist_checkpointing
-
     assert world_size == 1
     run = Layout()
     _setup(run)
     model = build_parity_model(run)
-    os.makedirs(ckpt_dir, exist_ok=True)
-    dist_checkpointing.save(model.module.sharded_state_dict(), ckpt_dir)
+    save_checkpoint(model.module, ckpt_dir)
     loss, grad_norm, grads, outputs = _train(run, model, 0)
     weights = {n: p.detach().clone() for n, p in model.module.named_parameters()}
     return {"loss": loss, "grad_norm": grad_norm, "grads": grads, "weights": weights,
@@ -168,24 +170,17 @@ def parallel_run(rank: int, world_size: int, ckpt_dir: str, oracle: dict,
                  runs: list[dict]) -> dict:
     """Every layout in ``runs`` (Layout kwargs) against the oracle: max abs differences of the
     outputs (last stage), loss, gradients and updated weights, per layout label."""
-    from megatron.core import dist_checkpointing
-
     report = {}
     for kwargs in runs:
         run = replace(Layout(), **kwargs)
         _setup(run)
         model = build_parity_model(run)
-        model.module.load_state_dict(
-            dist_checkpointing.load(model.module.sharded_state_dict(), ckpt_dir))
+        load_checkpoint(model.module, ckpt_dir)
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
         loss, grad_norm, grads, outputs = _train(
             run, model, parallel_state.get_context_parallel_rank())
-        shards = shard_diffs(model.module, grads, oracle, run.tp, tp_rank)
-        diffs = {"grad_norm": abs(grad_norm - oracle["grad_norm"]), "grad": shards["grad"],
-                 "weight": shards["weight"], "num_params": len(shards["params"]),
-                 "num_outputs": 0, "output": 0.0}
-        if loss is not None:
-            diffs["loss"] = abs(loss - oracle["loss"])
+        diffs = step_diffs(model.module, loss, grad_norm, grads, oracle, run.tp, tp_rank)
+        diffs.update(num_params=len(diffs.pop("params")), num_outputs=0, output=0.0)
         for mine, ref in zip(outputs, oracle["outputs"]):
             for key, value in mine.items():
                 diffs["output"] = max(diffs["output"], (value - ref[key]).abs().max().item())

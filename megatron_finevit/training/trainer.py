@@ -39,10 +39,6 @@ class TooManyBadSteps(RuntimeError):
     """More steps than ``max_bad_steps`` had a non-finite loss."""
 
 
-def use_bf16(cfg: TrainConfig) -> bool:
-    return cfg.params_dtype() == torch.bfloat16
-
-
 def build_stage_module(stage, bf16: bool) -> torch.nn.Module:
     """This pipeline stage's model, built by the stage, on the GPU if there is one, and in
     megatron's Float16Module for bf16 (it casts inputs and outputs at the pipeline ends)."""
@@ -115,7 +111,7 @@ class Trainer:
                              f"divisible by data parallel size {self.dp_size}")
         self.microbatches_per_rank = cfg.global_batch_size // self.dp_size
         set_seed(cfg.seed)
-        self.bf16 = use_bf16(cfg)
+        self.bf16 = cfg.params_dtype() == torch.bfloat16
         self._build_model_and_optimizer()
         self.data = self.stage.build_data(self.dp_rank, self.dp_size)
         self.state = TrainState()
