@@ -15,17 +15,26 @@ Parallel layout (``FineViTVLConfig.to_transformer_configs``):
 - pipeline parallel: the encoder and projector live on the first stage with the LM's embedding
   and first layers; later stages hold only LM layers (and the output layer on the last) and take
   their input from megatron's schedule through ``set_input_tensor``.
+
+Packed multimodal sequences (Stage III, SFT): several samples — each its image placeholders and
+text — share one ``[1, T]`` row up to a fixed token budget ``T``; ``packed_seq_params`` (THD,
+one ``cu_seqlens`` segment per sample, the padding tail its own) keeps every sample causal within
+itself in the LM (``models/llm/packing``), and the encoder attends within each image as always.
+Placeholders are filled in pack order, so the images come in the same order as their samples.
+Under SP ``T`` splits over TP; under PP the schedule's ``seq_length`` is ``T``.
 """
 
 from __future__ import annotations
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_finevit.config.vlm import FineViTVLConfig
 from megatron_finevit.models.heads import MergeProjector
 from megatron_finevit.models.llm import build_qwen3
+from megatron_finevit.models.llm.packing import check_packed_input
 from megatron_finevit.models.vit import FineViTModel, PackedImages, prepare_encoder_input
 
 
@@ -85,14 +94,26 @@ class FineViTVLModel(MegatronModule):
 
     def forward(self, images: PackedImages | None, input_ids: torch.Tensor,
                 position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> torch.Tensor:
+                labels: torch.Tensor | None = None,
+                packed_seq_params: PackedSeqParams | None = None) -> torch.Tensor:
         """``input_ids`` / ``position_ids`` ``[B, S]`` (``S`` divisible by TP under sequence
         parallelism) -> on the last stage, logits ``[B, S, padded vocab / TP]`` (vocab-parallel;
         causal attention when ``attention_mask`` is None) or, with ``labels`` ``[B, S]``, the
         per-token cross-entropy ``[B, S]`` (megatron's vocab-parallel loss); on other stages, the
-        hidden states for the next one. ``images`` is read on the first stage only."""
+        hidden states for the next one. ``images`` is read on the first stage only.
+
+        Packed (``packed_seq_params``, THD — see the module docstring): ``B = 1``, ``S = T`` the
+        pack's budget, ``position_ids`` restarting per segment (checked), the loss per token
+        ``[1, T]`` with no term across samples; the caller masks the padding and each sample's
+        last token."""
+        if packed_seq_params is not None:
+            sp = self.llm.config.sequence_parallel
+            check_packed_input(input_ids, position_ids, packed_seq_params,
+                               parallel_state.get_tensor_model_parallel_world_size() if sp else 1)
+        llm_inputs = dict(attention_mask=attention_mask, labels=labels,
+                          packed_seq_params=packed_seq_params)
         if not self.pre_process:
-            return self.llm(input_ids, position_ids, attention_mask, labels=labels)
+            return self.llm(input_ids, position_ids, **llm_inputs)
         embeds = self.llm.embedding(input_ids=input_ids, position_ids=position_ids)  # [S, B, H]
         placeholders = input_ids == self.vl_config.image_token_id  # [B, S]
         if images is not None:
@@ -108,5 +129,4 @@ class FineViTVLModel(MegatronModule):
             raise ValueError("input_ids contain image tokens but no image was given")
         if self.llm.config.sequence_parallel:
             embeds = tensor_parallel.scatter_to_sequence_parallel_region(embeds)  # [S / TP, B, H]
-        return self.llm(input_ids, position_ids, attention_mask, decoder_input=embeds,
-                        labels=labels)
+        return self.llm(input_ids, position_ids, decoder_input=embeds, **llm_inputs)
