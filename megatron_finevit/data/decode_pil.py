@@ -10,6 +10,10 @@ Safety: the pixel count is checked from the header *before* any pixel is decoded
 that declares a huge image (a decompression bomb) is rejected for the cost of parsing a header.
 Pillow's own guard (`Image.MAX_IMAGE_PIXELS`) would only warn below 2× its limit; ours is exact.
 
+Integrity: Pillow does not check the CRC of a PNG's image data chunks (IDAT), so a flipped bit
+there decodes silently into wrong pixels; every PNG chunk's CRC is checked with the header (a
+CRC-32 pass over the bytes, far cheaper than the decode), and a mismatch is "corrupt_image".
+
 Every failure is a `BadSampleError` with a reason: "corrupt_image" (undecodable), "truncated_image",
 "decompression_bomb", plus the size reasons of `smart_resize`.
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import warnings
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +39,7 @@ from megatron_finevit.data.shards import iter_shard_records
 DEFAULT_MAX_DECODE_PIXELS = 8192 * 8192
 _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 _EXIF_ORIENTATION_TAG = 0x0112
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,9 +52,10 @@ class Normalization:
 
 def open_image(image_bytes: bytes,
                max_decode_pixels: int = DEFAULT_MAX_DECODE_PIXELS) -> tuple[Image.Image, int, int]:
-    """Parse only the header: returns (lazy PIL image, height, width) after EXIF orientation.
+    """Parse only the header (and check a PNG's chunk CRCs): returns (lazy PIL image, height,
+    width) after EXIF orientation.
 
-    Raises BadSampleError("corrupt_image" | "decompression_bomb").
+    Raises BadSampleError("corrupt_image" | "truncated_image" | "decompression_bomb").
     """
     try:
         with warnings.catch_warnings():
@@ -64,6 +71,8 @@ def open_image(image_bytes: bytes,
         raise BadSampleError("decompression_bomb",
                              f"header declares {width}x{height} = {width * height} pixels > cap "
                              f"{max_decode_pixels}")
+    if image.format == "PNG":
+        check_png_chunks(image_bytes)
     try:
         orientation = image.getexif().get(_EXIF_ORIENTATION_TAG, 1)
     except Exception:  # noqa: BLE001 - a broken EXIF block must not kill a readable image
@@ -71,6 +80,25 @@ def open_image(image_bytes: bytes,
     if orientation in _TRANSPOSING_ORIENTATIONS:
         width, height = height, width
     return image, height, width
+
+
+def check_png_chunks(png_bytes: bytes) -> None:
+    """Raise BadSampleError unless every chunk of a PNG up to IEND is whole ("truncated_image")
+    and matches its CRC-32 ("corrupt_image")."""
+    view, pos = memoryview(png_bytes), len(_PNG_SIGNATURE)
+    while pos + 12 <= len(view):  # length, type, data, CRC
+        length = int.from_bytes(view[pos:pos + 4], "big")
+        end = pos + 12 + length
+        if end > len(view):
+            break
+        kind = bytes(view[pos + 4:pos + 8])
+        if zlib.crc32(view[pos + 4:end - 4]) != int.from_bytes(view[end - 4:end], "big"):
+            raise BadSampleError("corrupt_image", f"PNG chunk {kind.decode('latin-1')} at byte "
+                                                  f"{pos}: CRC mismatch")
+        if kind == b"IEND":
+            return
+        pos = end
+    raise BadSampleError("truncated_image", f"PNG ends at byte {len(view)} before its IEND chunk")
 
 
 def decode_rgb(image_bytes: bytes,

@@ -157,29 +157,44 @@ def is_safe_member_name(name: str) -> bool:
 
 def _group_members(tar: tarfile.TarFile, shard: str,
                    counter: BadSampleCounter) -> Iterator[tuple[str, dict[str, tuple]]]:
-    """Yield (key, {ext: (name, offset_data, size, bytes)}) per run of members sharing a key."""
+    """Yield (key, {ext: (name, offset_data, size, bytes)}) per run of members sharing a key.
+
+    Raises ``tarfile.ReadError`` (or EOFError) at a cut; the sample held at the cut is yielded
+    first when it is whole (an image and its JSON): a cut at a sample boundary loses nothing of it.
+    """
     key, parts = None, {}
-    for member in tar:
-        if not member.isfile() or not is_safe_member_name(member.name):
-            counter.skip("unsafe_member", shard=shard, member=member.name,
-                         detail="non-regular file or path escaping the shard")
-            continue
-        member_key, ext = split_member_name(member.name)
-        if member_key != key:
-            if key is not None:
-                yield key, parts
-            key, parts = member_key, {}
-        data = tar.extractfile(member).read()
-        if len(data) != member.size:
-            raise tarfile.ReadError(f"member {member.name} truncated")
-        parts[ext.lower()] = (member.name, member.offset_data, member.size, data)
-    # tarfile ends iteration silently at a cut inside a header or at a member boundary; only the
-    # end-of-archive marker (two zero blocks) tells a complete shard from a truncated one.
-    tar.fileobj.seek(tar.offset)
-    if tar.fileobj.read(2 * tarfile.BLOCKSIZE) != bytes(2 * tarfile.BLOCKSIZE):
-        raise tarfile.ReadError("no end-of-archive marker: the shard is truncated")
+    try:
+        for member in tar:
+            if not member.isfile() or not is_safe_member_name(member.name):
+                counter.skip("unsafe_member", shard=shard, member=member.name,
+                             detail="non-regular file or path escaping the shard")
+                continue
+            member_key, ext = split_member_name(member.name)
+            if member_key != key:
+                if key is not None:
+                    yield key, parts
+                key, parts = member_key, {}
+            data = tar.extractfile(member).read()
+            if len(data) != member.size:
+                raise tarfile.ReadError(f"member {member.name} truncated")
+            parts[ext.lower()] = (member.name, member.offset_data, member.size, data)
+        # tarfile ends iteration silently at a cut inside a header or at a member boundary; only
+        # the end-of-archive marker (two zero blocks) tells a complete shard from a truncated one.
+        tar.fileobj.seek(tar.offset)
+        if tar.fileobj.read(2 * tarfile.BLOCKSIZE) != bytes(2 * tarfile.BLOCKSIZE):
+            raise tarfile.ReadError("no end-of-archive marker: the shard is truncated")
+    except (tarfile.ReadError, EOFError, OSError):
+        if key is not None and _is_whole_sample(parts):
+            yield key, parts
+        raise
     if key is not None:
         yield key, parts
+
+
+def _is_whole_sample(parts: dict[str, tuple]) -> bool:
+    """Whether a sample's members seen so far make a whole sample (an image and its JSON); the
+    members of a sample cut off by a truncated shard may be missing."""
+    return "json" in parts and any(ext in parts for ext in IMAGE_EXTS)
 
 
 def iter_shard_records(path: str | os.PathLike, counter: BadSampleCounter | None = None
