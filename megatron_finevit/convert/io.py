@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -21,6 +21,13 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "added_tokens.json", "generation_config.json")
+
+
+def _umask() -> int:
+    """The process umask (reading it means setting it: briefly to the most private mask)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 class SafetensorsReader:
@@ -98,8 +105,9 @@ class ShardedSafetensorsWriter:
     def _flush(self) -> None:
         from safetensors.torch import save_file
 
-        save_file(self._pending, str(self.dir / f"shard-{len(self._shards)}.tmp"),
-                  metadata={"format": "pt"})
+        path = self.dir / f"shard-{len(self._shards)}.tmp"
+        save_file(self._pending, str(path), metadata={"format": "pt"})
+        path.chmod(0o666 & ~_umask())  # safetensors writes 0600; exports are shared
         self._shards.append(list(self._pending))
         self._pending, self._pending_bytes = {}, 0
 
@@ -127,8 +135,8 @@ def copy_tokenizer_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike)
     present = [n for n in TOKENIZER_FILES if (src / n).is_file()]
     if not present:
         raise FileNotFoundError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in {src}")
-    for name in present:
-        shutil.copy2(src / name, Path(dst_dir) / name)
+    for name in present:  # contents only: a private source file's mode must not carry over
+        shutil.copyfile(src / name, Path(dst_dir) / name)
     return present
 
 
@@ -140,6 +148,18 @@ def check_output_dir(final_dir: str | os.PathLike, overwrite: bool) -> Path:
     return final
 
 
+def _fresh_dir(parent: Path, prefix: str) -> Path:
+    """A new, uniquely named directory in ``parent`` with mkdir's umask-respecting mode (0755
+    under umask 022): clusters share model directories, and ``tempfile.mkdtemp`` makes 0700."""
+    while True:
+        path = parent / f"{prefix}{secrets.token_hex(6)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+
+
 @contextmanager
 def staged_output(final_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty staging directory beside ``final_dir``; on success it is renamed to
@@ -147,14 +167,14 @@ def staged_output(final_dir: str | os.PathLike, overwrite: bool = False) -> Iter
     conversion never leaves a half-written output."""
     final = check_output_dir(final_dir, overwrite)
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    staging = _fresh_dir(final.parent, f".{final.name}.partial-")
     try:
         yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     if final.exists():  # overwrite: move the old output aside first, delete it after the swap
-        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+        old = _fresh_dir(final.parent, f".{final.name}.old-")
         os.replace(final, old / "previous")
         os.replace(staging, final)
         shutil.rmtree(old, ignore_errors=True)

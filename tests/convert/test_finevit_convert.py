@@ -11,6 +11,7 @@ encoder and a pack of three images of different sizes:
 
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -167,3 +168,49 @@ def test_trainer_checkpoint_exports_through_its_prefix(work):
     """A Stage I/II checkpoint holds the encoder under ``encoder.`` next to other modules (the
     mask token here): --megatron-prefix exports exactly the bare encoder's files."""
     _assert_same_tensors(Path(work["dirs"]["hf"]), Path(work["dirs"]["hf_wrapped"]))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _modes(root: Path) -> dict[str, int]:
+    """Permission bits of ``root`` and everything below it, by path relative to ``root``."""
+    return {str(p.relative_to(root)): stat.S_IMODE(p.stat().st_mode)
+            for p in [root, *root.rglob("*")]}
+
+
+def _assert_umask_modes(root: Path, umask: int):
+    for name, mode in _modes(root).items():
+        want = (0o777 if (root / name).is_dir() else 0o666) & ~umask
+        assert mode == want, f"{name}: {oct(mode)}, want {oct(want)} under umask {oct(umask)}"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_export_permissions_follow_the_umask(work, tmp_path, umask):
+    """Clusters share model directories: an export gets mkdir/open's umask-respecting modes
+    (0755 / 0644 under umask 022), not a temporary directory's 0700, and tokenizer files do not
+    keep a private source file's mode."""
+    tokenizer = tmp_path / "tokenizer"
+    tokenizer.mkdir()
+    (tokenizer / "tokenizer.json").write_text("{}\n")
+    (tokenizer / "tokenizer.json").chmod(0o600)
+    out = tmp_path / "shared" / "finevit"
+    previous = os.umask(umask)
+    try:
+        megatron_to_hf("finevit", work["dirs"]["mc_saved"], str(out), progress=False)
+        _assert_umask_modes(out, umask)
+        # replacing an export publishes the same modes
+        megatron_to_hf("finevit", work["dirs"]["mc_saved"], str(out), overwrite=True,
+                       tokenizer_dir=str(tokenizer), progress=False)
+    finally:
+        os.umask(previous)
+    _assert_umask_modes(out, umask)
+    assert (out / "tokenizer.json").is_file()
+
+
+def test_megatron_checkpoint_from_hf_permissions_follow_the_umask(work):
+    """hf-to-mcore publishes through the same staging (converted in the fixture's world)."""
+    _assert_umask_modes(Path(work["dirs"]["mc_reimported"]), _umask())
