@@ -1,0 +1,118 @@
+"""Pack image conversations into one fixed-size multimodal micro-batch (THD in both towers).
+
+A pack holds ``k`` samples (one image + its conversation each) back to back in a fixed LLM token
+budget ``T`` and a fixed ViT patch budget ``V``; the tails are padding. Each sample is its own
+attention segment in the LLM (``cu_seqlens``: causal within a sample, never across) and each
+image its own segment in the ViT (``PackedImages.cu_seqlens``); the padding tail is one more
+segment in each (``data.packing.pack_layout``'s convention), so real tokens never attend to it.
+Position ids restart at 0 in every segment. The images are in sample order, which is the order
+of their ``<|image_pad|>`` placeholders in ``input_ids``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import torch
+
+from megatron_finevit.data.packing import pack_layout
+from megatron_finevit.data.tasks.chat import IGNORE_INDEX, EncodedConversation
+from megatron_finevit.models.vit.patch_embed import PackedImages, pack_images
+
+MERGE_WINDOW = 4  # 2×2 ViT patches -> one LLM token
+
+
+@dataclasses.dataclass
+class MultimodalSample:
+    """One image ``[3, H, W]`` (sides multiples of 28) and its encoded conversation."""
+
+    key: str
+    image: torch.Tensor
+    conversation: EncodedConversation
+
+
+@dataclasses.dataclass
+class MultimodalBatch:
+    """One packed micro-batch (``T`` = LLM budget, ``V`` = ViT budget, ``k`` samples).
+
+    input_ids: int64 ``[T]``; the padding tail holds ``<|endoftext|>``.
+    labels: int64 ``[T]``, already shifted: ``labels[t]`` is the target of ``logits[t]``
+        (``input_ids[t + 1]`` when that token is a supervised answer token of the same sample),
+        ``IGNORE_INDEX`` (-100) elsewhere: prompts, image tokens, a sample's last position and
+        padding. Megatron's vocab-parallel cross-entropy does not skip -100 (it computes a finite
+        loss there), so weigh its per-token loss with ``loss_mask`` as pretrain_gpt does.
+    loss_mask: float32 ``[T]``, 1 where ``labels != -100``.
+    position_ids: int64 ``[T]``, 0, 1, ... restarting at every segment (padding included).
+    cu_seqlens: int32 ``[k + 2]`` (``[k + 1]`` when there is no padding) LLM segment bounds —
+        ``PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens)``.
+    max_seqlen: longest LLM segment (padding included).
+    label_task: int64 ``[T]``, index into ``kinds`` of the task ``labels[t]`` belongs to, -1 where
+        masked (per-task losses: ``loss[label_task == i]``).
+    images: ``PackedImages``: patches ``[V, 3·14·14]``, ``cu_seqlens`` per image then padding,
+        ``grids [k, 2]``.
+    keys: sample keys; task_kinds: per sample, the kinds of its turns in order.
+    kinds: the task-kind names ``label_task`` indexes.
+    skipped: skip counts at the time the batch was made (reason -> samples).
+    """
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    loss_mask: torch.Tensor
+    position_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    label_task: torch.Tensor
+    images: PackedImages
+    keys: list[str]
+    task_kinds: list[list[str]]
+    kinds: tuple[str, ...]
+    skipped: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.keys)
+
+
+def image_llm_tokens(image: torch.Tensor, patch_size: int = 14) -> int:
+    """``<|image_pad|>`` tokens of a resized image ``[3, H, W]``: its 2×2 merge windows."""
+    return (image.shape[1] // patch_size) * (image.shape[2] // patch_size) // MERGE_WINDOW
+
+
+def pack_multimodal(samples: Sequence[MultimodalSample], llm_tokens: int, vit_tokens: int,
+                    pad_id: int, kinds: Sequence[str]) -> MultimodalBatch:
+    """Lay ``samples`` out in one ``MultimodalBatch`` (see its docstring for shapes).
+
+    Raises ValueError if the samples overflow either budget or a conversation's placeholders do
+    not match its image's merge windows.
+    """
+    if not samples:
+        raise ValueError("a pack needs at least one sample")
+    kinds = tuple(kinds)
+    for sample in samples:
+        windows = image_llm_tokens(sample.image)
+        if sample.conversation.num_image_tokens != windows:
+            raise ValueError(f"sample {sample.key}: {sample.conversation.num_image_tokens} "
+                             f"image placeholders for an image of {windows} merge windows")
+    layout = pack_layout([len(s.conversation) for s in samples], llm_tokens)
+    images = pack_images([s.image for s in samples], pad_to=vit_tokens)
+
+    input_ids = torch.full((llm_tokens,), pad_id, dtype=torch.int64)
+    labels = torch.full((llm_tokens,), IGNORE_INDEX, dtype=torch.int64)
+    label_task = torch.full((llm_tokens,), -1, dtype=torch.int64)
+    position_ids = torch.empty(llm_tokens, dtype=torch.int64)
+    bounds = layout.cu_seqlens.tolist()
+    for start, end in zip(bounds, bounds[1:]):
+        position_ids[start:end] = torch.arange(end - start)
+    for sample, start in zip(samples, bounds):
+        conversation = sample.conversation
+        end = start + len(conversation)
+        input_ids[start:end] = conversation.ids
+        labels[start:end] = conversation.labels()
+        turn_kind = torch.tensor([kinds.index(t.kind) for t in conversation.turns] + [-1])
+        label_task[start:end] = turn_kind[conversation.label_turns()]  # -1 indexes the -1 tail
+    return MultimodalBatch(
+        input_ids=input_ids, labels=labels, loss_mask=(labels != IGNORE_INDEX).float(),
+        position_ids=position_ids, cu_seqlens=layout.cu_seqlens, max_seqlen=layout.max_seqlen,
+        label_task=label_task, images=images, keys=[s.key for s in samples],
+        task_kinds=[[t.kind for t in s.conversation.turns] for s in samples], kinds=kinds)

@@ -1,0 +1,223 @@
+"""Resumable loader of packed Stage III region-QA micro-batches for one data-parallel rank.
+
+    shard dir + index.zarr ─ per-sample sizes (ViT patches, LLM tokens) ─ PackedBatchSampler
+      ─ random-access reads (SampleReader) ─ PIL decode at the Stage III policy (≤ 1000²)
+      ─ draw_turns ─ Qwen3 chat tokens ─ pack_multimodal  →  MultimodalBatch
+
+Sizes come from the zarr index only (no JSON is read before packing). ViT patches are exact:
+``smart_resize`` of the indexed original size under the loader's policy (images whose aspect
+exceeds the policy's bound are rejected by ``smart_resize``'s rules and counted). The LLM length
+of a conversation is only known once its text is rendered, so each sample gets an *allowance*
+decided before packing and the renderer fills it exactly:
+
+    llm_tokens_i = image_i + min(max_text_tokens, estimate_i)
+    image_i      = patches_i / 4 + 2                      (placeholders + vision start/end)
+    estimate_i   = turns_i · turn_overhead + caption_tokens + region_tokens + ocr_tokens
+                   + (num_regions + num_ocr) · box_tokens
+
+with ``turns_i = min(max_turns, annotations)``, the token columns of the index, and
+``turn_overhead`` / ``box_tokens`` measured once with the real tokenizer (the longest paraphrase
+with its chat markers; the widest box). At load time the drawn turns are kept in order while the
+sample stays within its allowance (``Qwen3ChatTemplate.encode(max_tokens=...)``). So a pack never
+exceeds the budget — the sampler keeps Σ allowances ≤ T and every sample stays within its own —
+whatever the index's token counter was; a better counter (the Qwen tokenizer's, at index build)
+only makes the allowances tighter. The slack of an allowance becomes padding.
+
+Skips, counted in ``skipped`` (the static ones over the whole index, at construction):
+``oversize`` (patches > ViT budget or allowance > LLM budget), ``resize_rejected`` (aspect
+ratio), ``no_task`` (nothing the mixture can ask about), ``no_turn_fits`` (no drawn turn fits the
+allowance); unreadable samples go to the shared ``BadSampleCounter`` as in ``PackedImageLoader``.
+
+Determinism and resume: packs are the sampler's (DP-disjoint, seeded); a sample's turns are drawn
+from (seed, key, epoch) — the epoch of the pass that drew the pack — so they do not depend on
+the packing either. ``state_dict`` holds the sampler's state and the skip counts (plain ints and
+lists): a resumed loader yields exactly the batches the uninterrupted one yields next.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+
+import numpy as np
+
+from megatron_finevit.data.bad_samples import BadSampleCounter, BadSampleError
+from megatron_finevit.data.decode_pil import Normalization, decode_pil
+from megatron_finevit.data.index import SampleIndex, load_index
+from megatron_finevit.data.loader import SampleReader, policy_sizes
+from megatron_finevit.data.packing import PackedBatchSampler
+from megatron_finevit.data.resize import STAGE_MAX_PIXELS, ResizePolicy
+from megatron_finevit.data.tasks.boxes import RELATIVE, RELATIVE_SCALE, BoxCodec
+from megatron_finevit.data.tasks.chat import Qwen3ChatTemplate, Turn
+from megatron_finevit.data.tasks.multimodal import (MERGE_WINDOW, MultimodalBatch,
+                                                    MultimodalSample, image_llm_tokens,
+                                                    pack_multimodal)
+from megatron_finevit.data.tasks.region_qa import PARAPHRASES, TASK_KINDS, TaskMixture, draw_turns
+from megatron_finevit.data.tokenizers import QwenTokenizer
+
+_STATE_VERSION = 1
+_VISION_MARKERS = 2  # <|vision_start|>, <|vision_end|>
+
+
+@dataclasses.dataclass(frozen=True)
+class RegionQAConfig:
+    """Stage III data settings.
+
+    llm_tokens / vit_tokens: fixed LLM tokens and ViT patches per pack.
+    max_text_tokens: cap of one image's text allowance (its turns, chat markers included).
+    max_turns: QA turns drawn per image.
+    box_coords: "relative" (0–1000, default) or "absolute" (resized-image pixels).
+    mixture: task-kind weights.
+    policy: resize policy (Stage III: images within 1000×1000).
+    seed, buffer_size, min_fill: the packing sampler's (``PackedBatchSampler``).
+    """
+
+    llm_tokens: int = 4096
+    vit_tokens: int = 16384
+    max_text_tokens: int = 1024
+    max_turns: int = 8
+    box_coords: str = RELATIVE
+    mixture: TaskMixture = TaskMixture()
+    policy: ResizePolicy = ResizePolicy(max_pixels=STAGE_MAX_PIXELS["align"])
+    seed: int = 0
+    buffer_size: int = 512
+    min_fill: float = 0.9
+
+    def __post_init__(self):
+        for name in ("llm_tokens", "vit_tokens", "max_text_tokens", "max_turns", "buffer_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        BoxCodec(self.box_coords)  # validates the name
+
+
+def turn_costs(template: Qwen3ChatTemplate, codec: BoxCodec, policy: ResizePolicy
+               ) -> tuple[int, int]:
+    """(tokens of the longest turn without its content, tokens of the widest box text)."""
+    overhead = max(len(template.encode([Turn(p.format(box="", text=""), "")]))
+                   for prompts in PARAPHRASES.values() for p in prompts)
+    # No coordinate exceeds 1000 (relative) or a side of max_pixels / factor pixels (absolute).
+    widest = RELATIVE_SCALE if codec.coords == RELATIVE else policy.max_pixels // policy.factor
+    digits = 10 ** len(str(widest)) - 1
+    return overhead, len(template.tokenizer.encode(codec.format((digits,) * 4)))
+
+
+def llm_allowances(index: SampleIndex, patches: np.ndarray, config: RegionQAConfig,
+                   turn_overhead: int, box_tokens: int) -> np.ndarray:
+    """int64 ``[n]`` LLM tokens reserved per sample (module docstring formula)."""
+    annotations = ((index.caption_tokens > 0).astype(np.int64) + index.num_regions
+                   + index.num_ocr)
+    turns = np.minimum(config.max_turns, annotations)
+    estimate = (turns * turn_overhead + index.caption_tokens + index.region_tokens
+                + index.ocr_tokens + (index.num_regions + index.num_ocr) * box_tokens)
+    text = np.clip(estimate.astype(np.int64), 1, config.max_text_tokens)
+    return patches // MERGE_WINDOW + _VISION_MARKERS + text
+
+
+class RegionQALoader:
+    """Infinite, resumable iterator of ``MultimodalBatch`` for one data-parallel rank.
+
+    Args:
+        shard_dir: shards + ``index.zarr`` + ``dali_index/`` (``tools/build_index.py``).
+        config: ``RegionQAConfig``.
+        tokenizer: the Qwen tokenizer (default: ``QwenTokenizer.from_tiktoken()``).
+        dp_rank, dp_size: this rank's disjoint share.
+        use_draft, norm: as ``PackedImageLoader`` (``decode_pil``).
+        counter: shared bad-sample counter.
+    """
+
+    def __init__(self, shard_dir, config: RegionQAConfig = RegionQAConfig(),
+                 tokenizer: QwenTokenizer | None = None, *, dp_rank: int = 0, dp_size: int = 1,
+                 use_draft: bool = False, norm: Normalization = Normalization(),
+                 counter: BadSampleCounter | None = None):
+        self.config = config
+        self.codec = BoxCodec(config.box_coords)
+        self.template = Qwen3ChatTemplate(tokenizer or QwenTokenizer.from_tiktoken())
+        self.index = load_index(shard_dir)
+        self.reader = SampleReader(self.index)
+        self.use_draft, self.norm = use_draft, norm
+        self.counter = counter if counter is not None else BadSampleCounter(name=str(shard_dir))
+
+        patches = policy_sizes(self.index, config.policy, reject_size=0)
+        rejected = patches == 0
+        self.sizes = np.stack([patches, llm_allowances(
+            self.index, patches, config, *turn_costs(self.template, self.codec, config.policy))],
+            axis=1)
+        budget = np.array([config.vit_tokens, config.llm_tokens])
+        self.sizes[rejected] = budget + 1  # the sampler leaves them out
+        oversize = (self.sizes > budget).any(axis=1) & ~rejected
+        self._static_skips = {"resize_rejected": int(rejected.sum()),
+                              "oversize": int(oversize.sum())}
+        self.skips: Counter[str] = Counter()
+        self.sampler = PackedBatchSampler(
+            self.sizes, budget, buffer_size=config.buffer_size, seed=config.seed,
+            dp_rank=dp_rank, dp_size=dp_size, min_fill=config.min_fill)
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Samples left out so far, by reason (see the module docstring)."""
+        return {**self._static_skips, "no_task": self.skips["no_task"],
+                "no_turn_fits": self.skips["no_turn_fits"]}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> MultimodalBatch:
+        while True:
+            epoch = self.sampler.epoch  # before the draw: the last pack of an epoch rolls it
+            batch = self._load(next(iter(self.sampler)), epoch)
+            if batch is not None:
+                return batch
+
+    def epoch(self):
+        """The batches of the rest of the current epoch (this rank's share once)."""
+        epoch = self.sampler.epoch
+        for pack in self.sampler:
+            batch = self._load(pack, epoch)
+            if batch is not None:
+                yield batch
+
+    def _load(self, pack: list[int], epoch: int) -> MultimodalBatch | None:
+        samples = [s for s in (self._sample(i, epoch) for i in pack) if s is not None]
+        if not samples:
+            return None
+        batch = pack_multimodal(samples, self.config.llm_tokens, self.config.vit_tokens,
+                                self.template.pad_id, TASK_KINDS)
+        batch.skipped = self.skipped
+        return batch
+
+    def _sample(self, sample: int, epoch: int) -> MultimodalSample | None:
+        key = str(self.index.key[sample])
+        try:
+            image_bytes, meta = self.reader.read(sample)
+            image = decode_pil(image_bytes, self.config.policy, self.norm,
+                               use_draft=self.use_draft)
+        except BadSampleError as err:
+            self.counter.skip_error(err, member=key)
+            return None
+        self.counter.ok()
+        turns = draw_turns(meta, original_hw=(meta["height"], meta["width"]),
+                           resized_hw=tuple(image.shape[1:]), codec=self.codec,
+                           mixture=self.config.mixture, seed=self.config.seed, key=key,
+                           step=epoch, max_turns=self.config.max_turns)
+        if not turns:
+            self.skips["no_task"] += 1
+            return None
+        conversation = self.template.encode(turns, image_llm_tokens(image),
+                                            max_tokens=int(self.sizes[sample, 1]))
+        if not conversation.turns:
+            self.skips["no_turn_fits"] += 1
+            return None
+        return MultimodalSample(key, image, conversation)
+
+    # --- resume -------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"version": _STATE_VERSION, "sampler": self.sampler.state_dict(),
+                "skips": dict(self.skips)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"unsupported region-QA loader state version "
+                             f"{state.get('version')}")
+        self.sampler.load_state_dict(state["sampler"])
+        self.skips = Counter({k: int(v) for k, v in state["skips"].items()})
