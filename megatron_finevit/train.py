@@ -4,7 +4,8 @@
         optim.lr=1e-3 checkpoint.dir=/ckpt/stage1
 
 Overrides are ``key.sub=value`` pairs applied on top of the YAML file (values parsed as YAML).
-Exit codes: 0 done, 2 bad config, 3 stopped on SIGTERM/SIGUSR1 after saving a checkpoint.
+Exit codes: 0 done, 2 bad config, 3 stopped on SIGTERM/SIGUSR1 (checkpoint saved if a step ran;
+the requeue marker written, see training/preemption.py).
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ import logging
 import sys
 import warnings
 
-from megatron_finevit.config.loader import ConfigError, load_config
-from megatron_finevit.config.train import TrainConfig
+from megatron_finevit.training.preemption import install_process_handler  # no torch: cheap
 
 
 EXIT_STOPPED_BY_SIGNAL = 3
@@ -41,6 +41,11 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    # first of all: from here on SIGTERM/SIGUSR1 are recorded, never fatal (training/preemption.py)
+    install_process_handler()
+    from megatron_finevit.config.loader import ConfigError, load_config  # imports torch (~1 s)
+    from megatron_finevit.config.train import TrainConfig
+
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     quiet_third_party_logs()
@@ -53,7 +58,7 @@ def main(argv=None) -> int:
     from megatron_finevit.training.trainer import build_trainer
 
     result = build_trainer(cfg).train()
-    # 3: stopped on SIGTERM/SIGUSR1 after saving a checkpoint (slurm/launch.sh requeues the job)
+    # 3: stopped on SIGTERM/SIGUSR1 (slurm/launch.sh requeues on the trainer's marker)
     return EXIT_STOPPED_BY_SIGNAL if result["stopped_by_signal"] else 0
 
 

@@ -12,6 +12,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -30,6 +31,17 @@ def learnable_batch(seq_length: int, batch: int, vocab: int, generator: torch.Ge
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
 
+def wait_at_gate(gate: str, timeout_s: float = 300.0) -> None:
+    """Touch ``<gate>.rank<N>``, then block until the file ``gate`` exists: a test acts on this rank
+    (e.g. signals it) at a known point of start-up, then opens the gate."""
+    Path(f"{gate}.rank{torch.distributed.get_rank()}").touch()
+    deadline = time.monotonic() + timeout_s
+    while not os.path.exists(gate):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{gate} not created within {timeout_s:.0f} s")
+        time.sleep(0.05)
+
+
 @dataclass
 class ToyLMConfig:
     num_layers: int = 2
@@ -39,6 +51,7 @@ class ToyLMConfig:
     nan_loss_steps: list[int] = field(default_factory=list)  # inject a NaN loss at these steps
     signal_at_step: int | None = None  # rank 0 sends itself SIGUSR1 before this step (pre-emption)
     step_sleep_s: float = 0.0  # slow each step down, so an outside signal lands mid-run (Slurm test)
+    build_gate: str | None = None  # build_model waits for this file (a signal lands mid-build)
 
 
 class ToyBatches:
@@ -88,6 +101,8 @@ class ToyLMStage:
         return tiny_qwen3_config(self.gpt)
 
     def build_model(self, pre_process: bool, post_process: bool):
+        if self.cfg.build_gate:
+            wait_at_gate(self.cfg.build_gate)
         return build_gpt_module(self.gpt, pre_process, post_process)
 
     def build_data(self, dp_rank: int, dp_size: int) -> ToyBatches:

@@ -109,7 +109,8 @@ class MetricsSink:
             self.bar.close()
 
 
-_UNITS = {"lr": ("lr", "{:.3e}"), "grad_norm": ("grad norm", "{:.3f}"),
+# the loss in full (shortest round-trip repr): two runs' logs compare bit for bit (exact resume)
+_UNITS = {"loss": ("loss", "{!r}"), "lr": ("lr", "{:.3e}"), "grad_norm": ("grad norm", "{:.3f}"),
           "samples_per_s": ("samples/s", "{:,.1f}"), "tokens_per_s": ("tokens/s", "{:,.0f}"),
           "tflops_per_device": ("TFLOP/s/device", "{:.3f}"), "mfu": ("MFU", "{:.2%}"),
           "step_time_s": ("s/step", "{:.3f}")}

@@ -29,7 +29,7 @@ from megatron_finevit.training.checkpointing import (
 )
 from megatron_finevit.training.metrics import MetricsSink, Throughput, peak_tflops
 from megatron_finevit.training.optim import build_optimizer, build_scheduler
-from megatron_finevit.training.preemption import PreemptionHandler
+from megatron_finevit.training.preemption import PreemptionHandler, handler_for_run
 from megatron_finevit.training.stage import get_stage
 
 log = logging.getLogger(__name__)
@@ -253,16 +253,30 @@ class Trainer:
                     self.sink.writer.add_scalar(f"eval/{k}", v, self.state.step)
         return results
 
+    def _stop_on_signal(self, handler: PreemptionHandler, save: bool) -> None:
+        """Every rank has agreed to stop: save (unless no step ran since the last checkpoint),
+        then leave the requeue decision to the launcher (``PreemptionHandler.confirm_stop``)."""
+        step = self.state.step
+        if save:
+            self.save()
+        saved = "checkpoint saved" if save else "no checkpoint saved"
+        self.sink.text(f"stopping at step {step} on signal ({saved})")
+        handler.confirm_stop(f"stopped on a signal at step {step} ({saved})")
+
     def train(self) -> dict:
         cfg = self.cfg
-        handler = PreemptionHandler() if cfg.checkpoint.save_on_signal else None
+        handler = handler_for_run(cfg.checkpoint.save_on_signal)
         evaluations = {}
         try:
-            if cfg.eval.at_start and self.state.step == 0:
+            # the first safe point: a signal that reached any rank during start-up (model, data,
+            # checkpoint load) stops every rank here, before a step
+            stopped_by_signal = handler is not None and handler.should_stop()
+            if stopped_by_signal:
+                self._stop_on_signal(handler, save=False)
+            if cfg.eval.at_start and self.state.step == 0 and not stopped_by_signal:
                 evaluations["start"] = self.evaluate()
-            stopped_by_signal = False
             self.throughput.reset()
-            while self.state.step < cfg.train_steps:
+            while not stopped_by_signal and self.state.step < cfg.train_steps:
                 start = time.perf_counter()
                 metrics = self.train_step()
                 if metrics is not None and "loss" in metrics:
@@ -278,9 +292,7 @@ class Trainer:
                 periodic = cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0
                 if handler is not None and handler.should_stop():
                     stopped_by_signal = True
-                    if cfg.checkpoint.dir:
-                        self.save()
-                    self.sink.text(f"stopping at step {step} on signal (checkpoint saved)")
+                    self._stop_on_signal(handler, save=bool(cfg.checkpoint.dir))
                     break
                 if periodic and step < cfg.train_steps:
                     self.save()
@@ -293,7 +305,7 @@ class Trainer:
                     "evaluations": evaluations, "stopped_by_signal": stopped_by_signal}
         finally:
             if handler is not None:
-                handler.restore()
+                handler.release()
             self.sink.close()
 
 

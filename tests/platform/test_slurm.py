@@ -1,8 +1,11 @@
 """The Slurm launcher on a real single-node Slurm cluster (``testing.local_slurm``): a batch job
 runs ``slurm/launch.sh`` with two srun tasks that form one gloo world from the Slurm environment;
 USR1 sent to the batch shell (what ``#SBATCH --signal=B:USR1@N`` does before the time limit) makes
-every task checkpoint and exit with code 3, the launcher requeues the job, and the requeued run
-resumes from ``latest`` and ends with the uninterrupted job's losses.
+every task checkpoint and exit with code 3, the launcher requeues the job on the trainer's marker,
+and the requeued run resumes from ``latest`` and logs the uninterrupted job's losses, bit for bit.
+
+Task 1 exits last on purpose (``LINGERING_PYTHON``), so srun's own exit status is not 3: the
+requeue must not depend on which rank exits first.
 
 Skipped where Slurm is not installed or we are not root (``tools/setup_env.sh`` installs it when
 run as root with apt, as in CI).
@@ -21,6 +24,7 @@ from megatron_finevit.testing.local_slurm import LocalSlurm, missing
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 20
+LINGER_S = 10
 
 pytestmark = pytest.mark.skipif(missing() is not None, reason=str(missing()))
 
@@ -35,6 +39,18 @@ checkpoint: {{dir: {ckpt}}}
 logging: {{log_interval: 1, progress_bar: false}}
 eval: {{at_start: false, at_end: false}}
 stage_config: {{num_layers: 2, step_sleep_s: 0.25}}
+"""
+
+# Task 1 lingers after its trainer exits, so task 0 always exits first and srun then ends task 1
+# (--kill-on-bad-exit): the normal case on a cluster with thousands of ranks, made deterministic
+# here. The trap keeps the forwarded USR1 from killing this wrapper (the trainer below gets it from
+# slurmstepd too); srun's SIGTERM still ends it, as it would a rank slow to exit.
+LINGERING_PYTHON = """\
+#!/usr/bin/env bash
+trap : USR1
+{python} "$@"; rc=$?
+if [[ $SLURM_PROCID == 1 ]]; then sleep {linger_s}; fi
+exit $rc
 """
 
 JOB = """\
@@ -55,20 +71,25 @@ def slurm(tmp_path_factory):
         yield cluster
 
 
-def _submit(slurm: LocalSlurm, root: Path) -> tuple[int, Path]:
+def _submit(slurm: LocalSlurm, root: Path, linger_s: float = 0) -> tuple[int, Path]:
     root.mkdir()
     config = root / "run.yaml"
     config.write_text(CONFIG.format(steps=STEPS, ckpt=root / "ckpt"))
     log = root / "job.log"
     job = root / "job.sbatch"
     job.write_text(JOB.format(log=log, repo=REPO, config=config))
-    env = slurm.env(PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    python = root / "python.sh"
+    python.write_text(LINGERING_PYTHON.format(python=sys.executable, linger_s=linger_s))
+    python.chmod(0o755)
+    env = slurm.env(PYTHON=str(python), OMP_NUM_THREADS="1")
     return slurm.sbatch([f"--chdir={root}", str(job)], env=env), log
 
 
-def _losses(log_text: str) -> dict[int, str]:
-    """step -> logged loss (the last run's value for a step logged twice)."""
-    return {int(step): loss for step, loss in re.findall(r"step\s+(\d+) \| loss (\S+)", log_text)}
+def _losses(log_text: str) -> dict[int, float]:
+    """step -> logged loss, parsed from its full repr (the last run's value for a step logged
+    twice)."""
+    return {int(step): float(loss)
+            for step, loss in re.findall(r"step\s+(\d+) \| loss (\S+)", log_text)}
 
 
 def _wait_for(path: Path, pattern: str, timeout_s: float) -> None:
@@ -90,16 +111,20 @@ def test_preempted_job_is_requeued_and_resumes(slurm, tmp_path):
     assert sorted(_losses(reference)) == list(range(1, STEPS + 1)), reference[-3000:]
 
     # the same job, signalled as Slurm signals it before the time limit
-    job, log = _submit(slurm, tmp_path / "preempted")
+    job, log = _submit(slurm, tmp_path / "preempted", linger_s=LINGER_S)
     _wait_for(log, r"step\s+5 \|", timeout_s=120)
     slurm.run(["scancel", "--batch", "--signal=USR1", str(job)])
     slurm.wait_until_gone(job, timeout_s=240)
     text = log.read_text()
     assert "USR1 received" in text and "requeueing job" in text, text[-3000:]
-    stop = re.search(r"stopping at step (\d+) on signal", text)
+    srun_rc = re.search(r"launch.sh: srun exited (\d+)", text)
+    assert srun_rc and int(srun_rc.group(1)) != 3, "task 1 did not exit last: " + text[-3000:]
+    stop = re.search(r"stopping at step (\d+) on signal \(checkpoint saved\)", text)
     assert stop and int(stop.group(1)) < STEPS, text[-3000:]
     assert re.search(rf"resumed from \S+iter_{int(stop.group(1)):07d} at step", text), text[-3000:]
     assert (tmp_path / "preempted" / "ckpt" / "latest").read_text().strip().endswith(
         f"iter_{STEPS:07d}")
-    # the resumed run ends exactly as the uninterrupted one
+    assert not list((tmp_path / "preempted").glob(".finevit-requeue-*")), "marker left behind"
+    # the resumed run ends exactly as the uninterrupted one: every step's loss, all its digits
+    assert len(re.search(r"loss (\S+)", reference).group(1)) > 10, "losses logged rounded"
     assert _losses(text) == _losses(reference)
