@@ -3,6 +3,7 @@ budgets hold, resume is exact across an epoch boundary, DP ranks are disjoint, s
 counted against brute force."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -158,3 +159,43 @@ def test_samples_whose_turns_cannot_fit_are_counted(shard_dir, tokenizer):
     resumed = make_loader(shard_dir, tokenizer, config)
     resumed.load_state_dict(json.loads(json.dumps(loader.state_dict())))
     assert resumed.skipped == loader.skipped
+
+
+TURN_TEXT = re.compile(r"<\|im_start\|>user\n(?:<\|vision_start\|>(?:<\|image_pad\|>)+"
+                       r"<\|vision_end\|>)?(.*?)<\|im_end\|>\n<\|im_start\|>assistant\n(.*?)"
+                       r"<\|im_end\|>\n", re.S)
+BOX_IN_TEXT = re.compile(r"\[[0-9, ]+\]")
+
+
+@pytest.mark.parametrize("coords", ["relative", "absolute"])
+def test_boxes_in_the_text_point_at_the_annotations(shard_dir, tokenizer, scanned, coords):
+    """Read the rendered conversations back as text: every box (parsed with the codec) lies
+    within half a unit of its annotation's shard box scaled to the resized image."""
+    config = RegionQAConfig(**{**CONFIG.__dict__, "box_coords": coords})
+    loader = make_loader(shard_dir, tokenizer, config)
+    codec, checked = BoxCodec(coords), 0
+    for batch in loader.epoch():
+        for key, seg, kinds, grid in zip(batch.keys, segments(batch), batch.task_kinds,
+                                         batch.images.grids.tolist()):
+            meta = scanned[key][1]
+            resized_hw = (grid[0] * 14, grid[1] * 14)
+            turns = TURN_TEXT.findall(tokenizer.decode(batch.input_ids[seg].tolist()))
+            assert len(turns) == len(kinds)
+            for kind, (question, answer) in zip(kinds, turns):
+                if kind == "global_caption":
+                    assert answer == meta["caption"]
+                    continue
+                field, text_key = ("ocr", "text") if "ocr" in kind else ("regions", "caption")
+                if kind.startswith("bbox"):
+                    box, text = BOX_IN_TEXT.search(question).group(), answer
+                else:
+                    box, text = answer, max((e[text_key] for e in meta[field]
+                                             if e[text_key] in question), key=len)
+                parsed = codec.to_pixels(codec.parse(box, resized_hw), resized_hw)
+                unit = [r / s for r, s in zip(resized_hw[::-1], codec.scale(resized_hw))]
+                scale = [r / o for r, o in zip(resized_hw, (meta["height"], meta["width"]))]
+                assert any(all(abs(p - v * scale[1 - i % 2]) <= unit[i % 2] / 2 + 1e-9
+                               for i, (p, v) in enumerate(zip(parsed, e["box"])))
+                           for e in meta[field] if e[text_key] == text), (key, kind, box)
+                checked += 1
+    assert checked > 40
