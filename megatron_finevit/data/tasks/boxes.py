@@ -16,9 +16,10 @@ one rule for both systems, in exact rational arithmetic (no float rounding surpr
 
 with ``S = 1000`` (relative) or ``S = W'`` (absolute), and the same with ``y``, ``H`` (and ``H'``)
 for vertical coordinates. It is exact for the value stored (a JSON float such as 0.15 is
-0.1499999… and rounds as such), so every process gets the same integers. Halves round up (``0.5 → 1``, ``1.5 → 2``: not banker's rounding); the
-edges map exactly (``0 → 0``, ``W → S``); the clamp only matters for boxes outside the image,
-which shard validation already drops. A box narrower than ``W / (2S)`` may round to a degenerate
+0.1499999… and rounds as such), so every process gets the same integers. Halves round up
+(``0.5 → 1``, ``1.5 → 2``: not banker's rounding); the edges map exactly (``0 → 0``,
+``W → S``); the clamp only matters for boxes outside the image, which shard validation already
+drops. A box narrower than ``W / (2S)`` may round to a degenerate
 box (``x1 == x2``): it is kept, serialised and parsed like any other.
 
 Text form: ``[x1, y1, x2, y2]`` — a JSON list, the spelling of Qwen2.5-VL / Qwen3-VL's

@@ -18,7 +18,7 @@ decided before packing and the renderer fills it exactly:
 with ``turns_i = min(max_turns, annotations)``, the token columns of the index, and
 ``turn_overhead`` / ``box_tokens`` measured once with the real tokenizer (the longest paraphrase
 with its chat markers; the widest box). At load time the drawn turns are kept in order while the
-sample stays within its allowance (``Qwen3ChatTemplate.encode(max_tokens=...)``). So a pack never
+sample stays within its allowance (``Qwen3ChatTemplate.encode(max_tokens=…)``). So a pack never
 exceeds the budget — the sampler keeps Σ allowances ≤ T and every sample stays within its own —
 whatever the index's token counter was; a better counter (the Qwen tokenizer's, at index build)
 only makes the allowances tighter. The slack of an allowance becomes padding.
@@ -37,6 +37,7 @@ lists): a resumed loader yields exactly the batches the uninterrupted one yields
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from collections import Counter
 
 import numpy as np
@@ -211,13 +212,22 @@ class RegionQALoader:
 
     # --- resume -------------------------------------------------------------------------------
 
+    def _sizes_checksum(self) -> int:
+        return zlib.crc32(self.sizes.astype("<i8").tobytes())
+
     def state_dict(self) -> dict:
         return {"version": _STATE_VERSION, "sampler": self.sampler.state_dict(),
-                "skips": dict(self.skips)}
+                "skips": dict(self.skips), "sizes_crc32": self._sizes_checksum()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Resume; the mixture may change between runs (it only affects turns drawn later), the
+        per-sample sizes may not (the saved packs were formed with them)."""
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"unsupported region-QA loader state version "
                              f"{state.get('version')}")
+        if state["sizes_crc32"] != self._sizes_checksum():
+            raise ValueError("the per-sample pack sizes differ from the saved run's (index, "
+                             "policy, budgets, max_text_tokens or max_turns changed): its packs "
+                             "would not fit; resume with the same data settings")
         self.sampler.load_state_dict(state["sampler"])
         self.skips = Counter({k: int(v) for k, v in state["skips"].items()})

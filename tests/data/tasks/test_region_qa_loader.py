@@ -6,7 +6,6 @@ import json
 import re
 
 import pytest
-import torch
 
 from megatron_finevit.data.decode_pil import decode_pil, open_image
 from megatron_finevit.data.index import build_index
@@ -159,6 +158,10 @@ def test_samples_whose_turns_cannot_fit_are_counted(shard_dir, tokenizer):
     resumed = make_loader(shard_dir, tokenizer, config)
     resumed.load_state_dict(json.loads(json.dumps(loader.state_dict())))
     assert resumed.skipped == loader.skipped
+    other_sizes = make_loader(shard_dir, tokenizer,
+                              RegionQAConfig(**{**CONFIG.__dict__, "max_text_tokens": 13}))
+    with pytest.raises(ValueError, match="pack sizes differ"):
+        other_sizes.load_state_dict(loader.state_dict())
 
 
 TURN_TEXT = re.compile(r"<\|im_start\|>user\n(?:<\|vision_start\|>(?:<\|image_pad\|>)+"
