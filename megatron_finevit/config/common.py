@@ -7,6 +7,10 @@ from dataclasses import asdict, fields
 
 import torch
 
+SPEC_BACKENDS = ("local", "te")
+FP8_FORMATS = (None, "hybrid", "e4m3")
+FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
+
 
 def transformer_config(*, tensor_parallel: int = 1, pipeline_parallel: int = 1,
                        context_parallel: int = 1, sequence_parallel: bool = False,
@@ -77,3 +81,29 @@ def indivisible_by(config, divisor: int, names: tuple[str, ...],
 
 def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
+
+
+def spec_backend_problems(config) -> list[str]:
+    """Problems with a model config's layer-spec choice: ``spec_backend`` (``local`` or ``te``),
+    ``fp8`` (None, ``hybrid``, ``e4m3``; only with ``te``: the local spec's torch linears have no
+    FP8 path) and ``fp8_recipe`` (megatron's ``Fp8Recipe`` names)."""
+    problems = []
+    if config.spec_backend not in SPEC_BACKENDS:
+        problems.append(f"spec_backend={config.spec_backend!r} must be one of {SPEC_BACKENDS}")
+    if config.fp8 not in FP8_FORMATS:
+        problems.append(f"fp8={config.fp8!r} must be one of {FP8_FORMATS}")
+    elif config.fp8 is not None and config.spec_backend != "te":
+        problems.append(f"fp8={config.fp8!r} needs spec_backend='te' (TransformerEngine); "
+                        f"got spec_backend={config.spec_backend!r}")
+    if config.fp8_recipe not in FP8_RECIPES:
+        problems.append(f"fp8_recipe={config.fp8_recipe!r} must be one of {FP8_RECIPES}")
+    return problems
+
+
+def require_spec_backend(config) -> None:
+    """After validation: a ``te`` config on a machine without TransformerEngine raises
+    ``BackendUnavailable`` (with the fix) before any tensor exists."""
+    if config.spec_backend == "te":
+        from megatron_finevit.models.specs import require_transformer_engine
+
+        require_transformer_engine()

@@ -26,7 +26,9 @@ from megatron_finevit.config.common import (
     DictConfig,
     indivisible_by,
     nonpositive_fields,
+    require_spec_backend,
     round_up,
+    spec_backend_problems,
     transformer_config,
 )
 
@@ -39,7 +41,8 @@ class Qwen3Config(DictConfig):
     """Qwen3 decoder shapes (names follow megatron; HF names in comments).
 
     Attention is GQA with per-head RMSNorm on q and k, RoPE on the full head dim, SwiGLU MLP,
-    no biases, pre-norm RMSNorm.
+    no biases, pre-norm RMSNorm. ``spec_backend`` / ``fp8`` / ``fp8_recipe`` choose the layer
+    implementation as for the encoder (``config/vit.py``); they do not change the checkpoint.
     """
 
     num_layers: int                 # num_hidden_layers
@@ -57,6 +60,9 @@ class Qwen3Config(DictConfig):
     init_std: float = 0.02          # initializer_range
     bos_token_id: int | None = QWEN3_BOS_ID
     eos_token_id: int | None = QWEN3_EOS_ID
+    spec_backend: str = "local"          # "local" (torch; CPU) or "te" (TransformerEngine; GPU)
+    fp8: str | None = None               # None, "hybrid" or "e4m3"; needs spec_backend "te"
+    fp8_recipe: str = "delayed"          # megatron Fp8Recipe name, used when fp8 is set
 
     @property
     def padded_vocab_size(self) -> int:
@@ -81,8 +87,10 @@ class Qwen3Config(DictConfig):
             problems.append(f"head_dim={self.head_dim} must be even for RoPE")
         if context_parallel < 1:
             problems.append(f"context_parallel={context_parallel} must be >= 1")
+        problems += spec_backend_problems(self)
         if problems:
             raise ValueError("invalid Qwen3 config: " + "; ".join(problems))
+        require_spec_backend(self)
 
     def to_transformer_config(self, tensor_parallel: int = 1, pipeline_parallel: int = 1,
                               context_parallel: int = 1, sequence_parallel: bool = False,
@@ -111,6 +119,8 @@ class Qwen3Config(DictConfig):
             add_qkv_bias=False,
             qk_layernorm=True,
             init_method_std=self.init_std,
+            fp8=self.fp8,
+            fp8_recipe=self.fp8_recipe,
         )
 
 

@@ -20,12 +20,10 @@ from megatron_finevit.config.common import (
     DictConfig,
     indivisible_by,
     nonpositive_fields,
+    require_spec_backend,
+    spec_backend_problems,
     transformer_config,
 )
-
-SPEC_BACKENDS = ("local", "te")
-FP8_FORMATS = (None, "hybrid", "e4m3")
-FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
 
 
 @dataclass(frozen=True)
@@ -68,9 +66,18 @@ class FineViTConfig(DictConfig):
     def validate(self, tensor_parallel: int = 1, pipeline_parallel: int = 1,
                  context_parallel: int = 1) -> None:
         """Raise ValueError listing every inconsistency, before any tensor is allocated."""
-        problems = nonpositive_fields(self, ("int", "float"))
+        problems = self.problems(tensor_parallel, pipeline_parallel, context_parallel)
         if problems:
             raise ValueError("invalid FineViT config: " + "; ".join(problems))
+        require_spec_backend(self)
+
+    def problems(self, tensor_parallel: int = 1, pipeline_parallel: int = 1,
+                 context_parallel: int = 1) -> list[str]:
+        """One line per inconsistency of these shapes at this parallel layout (whether this
+        machine has TransformerEngine for ``spec_backend='te'`` is ``validate``'s business)."""
+        problems = nonpositive_fields(self, ("int", "float"))
+        if problems:
+            return problems
         if self.hidden_size % self.num_attention_heads:
             problems.append(f"num_attention_heads={self.num_attention_heads} does not divide "
                             f"hidden_size={self.hidden_size}")
@@ -83,21 +90,8 @@ class FineViTConfig(DictConfig):
         problems += indivisible_by(self, pipeline_parallel, ("num_layers",), "pipeline_parallel")
         if context_parallel < 1:
             problems.append(f"context_parallel={context_parallel} must be >= 1")
-        if self.spec_backend not in SPEC_BACKENDS:
-            problems.append(f"spec_backend={self.spec_backend!r} must be one of {SPEC_BACKENDS}")
-        if self.fp8 not in FP8_FORMATS:
-            problems.append(f"fp8={self.fp8!r} must be one of {FP8_FORMATS}")
-        elif self.fp8 is not None and self.spec_backend != "te":
-            problems.append(f"fp8={self.fp8!r} needs spec_backend='te' (TransformerEngine); "
-                            f"got spec_backend={self.spec_backend!r}")
-        if self.fp8_recipe not in FP8_RECIPES:
-            problems.append(f"fp8_recipe={self.fp8_recipe!r} must be one of {FP8_RECIPES}")
-        if problems:
-            raise ValueError("invalid FineViT config: " + "; ".join(problems))
-        if self.spec_backend == "te":
-            from megatron_finevit.models.specs import require_transformer_engine
-
-            require_transformer_engine()  # raises BackendUnavailable with the fix
+        problems += spec_backend_problems(self)
+        return problems
 
     def to_transformer_config(self, tensor_parallel: int = 1, pipeline_parallel: int = 1,
                               context_parallel: int = 1, sequence_parallel: bool = False,

@@ -13,6 +13,9 @@ which classes fill the submodules (megatron-core's spec pattern):
 | MLP norm + fc1       | TorchNorm, then ColumnParallelLinear  | TELayerNormColumnParallelLinear (fused)   |
 | fc2                  | RowParallelLinear                     | TERowParallelLinear                       |
 
+Each model config chooses its backend (``spec_backend``; FP8 only with ``te``): FineViT, the text
+tower and Qwen3 alike. Both backends save the same checkpoint keys — TE's, where the norm is fused
+into the next linear (``LOCAL_TO_TE_CHECKPOINT_KEYS``; pinned in ``tests/models/test_spec_keys``).
 The ``te`` backend is not exercised in CI (TransformerEngine cannot be installed on the CPU
 machines); choosing it without TE installed fails at config time with ``BackendUnavailable``.
 """

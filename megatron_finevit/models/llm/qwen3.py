@@ -1,7 +1,11 @@
 """Qwen3 on megatron-core: one factory around megatron's ``GPTModel``.
 
-The layers come from ``models/specs.py`` (``local``: torch norms + our packed / context-parallel
-core attention; ``te``: TransformerEngine), with causal masking and q/k RMSNorm. ``GPTModel``
+The layers come from ``models/specs.py`` with causal masking and q/k RMSNorm, on the backend
+``Qwen3Config.spec_backend`` names: ``local`` (torch norms + our packed / context-parallel core
+attention) or ``te`` — megatron's ``get_gpt_layer_with_transformer_engine_spec`` layout:
+``TELayerNormColumnParallelLinear`` (input RMSNorm fused into QKV, and pre-MLP RMSNorm into fc1),
+``TEDotProductAttention`` (THD, CP), ``TENorm`` q/k norms, ``TERowParallelLinear`` projections;
+FP8 (``fp8``, ``fp8_recipe``) only there. Both save the same checkpoint keys. ``GPTModel``
 provides the vocab-parallel embedding, RoPE (θ from the config, applied per packed segment for
 THD input), the final norm and the vocab-parallel output layer, tied to the embedding when the
 config says so (megatron keeps the two copies in sync across pipeline stages).
@@ -17,7 +21,7 @@ from __future__ import annotations
 from megatron_finevit.config.llm import Qwen3Config
 
 
-def build_qwen3(config: Qwen3Config, transformer_config, backend: str = "local",
+def build_qwen3(config: Qwen3Config, transformer_config,
                 pre_process: bool | None = None, post_process: bool | None = None,
                 vp_stage: int | None = None, parallel_output: bool = True,
                 scatter_embedding_sequence_parallel: bool = True):
@@ -36,12 +40,13 @@ def build_qwen3(config: Qwen3Config, transformer_config, backend: str = "local",
     from megatron_finevit.models.specs import transformer_block_spec
 
     _check_matches(config, transformer_config)
+    # Before anything is allocated: a te config without TransformerEngine fails here too.
+    spec = transformer_block_spec(transformer_config, config.spec_backend, AttnMaskType.causal,
+                                  qk_layernorm=True, final_norm=True, vp_stage=vp_stage)
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-    spec = transformer_block_spec(transformer_config, backend, AttnMaskType.causal,
-                                  qk_layernorm=True, final_norm=True, vp_stage=vp_stage)
     return GPTModel(
         transformer_config,
         spec,
@@ -68,6 +73,7 @@ def _check_matches(config: Qwen3Config, transformer_config) -> None:
         "num_attention_heads": config.num_attention_heads,
         "num_query_groups": config.num_query_groups,
         "kv_channels": config.head_dim,
+        "fp8": config.fp8,
     }
     wrong = {k: (getattr(transformer_config, k), v) for k, v in pairs.items()
              if getattr(transformer_config, k) != v}
