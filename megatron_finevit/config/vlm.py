@@ -2,6 +2,8 @@
 
 ``FineViTVLConfig`` pairs the two tower configs with the image placeholder token id; ``to_dict``
 / ``from_dict`` nest the towers' own dicts (``{"vit": {...}, "llm": {...}, "image_token_id": n}``).
+Each tower keeps its own layer-spec keys (``vit.spec_backend`` / ``llm.spec_backend``, ``fp8``,
+``fp8_recipe``: FP8 only with ``te``), validated by the tower and reported under its name.
 
 Parallel layout (as megatron's LLaVA): tensor and sequence parallelism apply to both towers; the
 language model is split into pipeline stages while the encoder and projector live whole on the
