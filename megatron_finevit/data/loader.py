@@ -8,7 +8,10 @@ Sizes. Every sample's token cost is recomputed from its original ``height``/``wi
 index under the policy of the current *phase*, so a resolution schedule (Stage II: max 336² →
 448²) changes ``max_pixels`` at a step boundary without re-indexing. ``smart_resize`` is evaluated
 once per distinct original size (real data sets repeat sizes a lot). Samples the policy rejects
-(aspect ratio) get a size above the pack and the sampler skips and counts them.
+(aspect ratio) get a size above the pack and the sampler skips and counts them. Under context
+parallelism the encoder pads every image to a multiple of 2·cp (``prepare_encoder_input``), so
+the cost budgeted is the token count rounded up to ``token_multiple`` (2·cp): the padded pack
+must fit ``pack_tokens``, not only its real tokens.
 
 Random access. ``build_index`` writes, next to ``index.zarr``, DALI index files listing each
 usable sample's tar members as ``ext offset size name`` in index row order; the loader reads a
@@ -22,7 +25,10 @@ packs the uninterrupted one would have. MIM masks are drawn from a generator see
 dp_rank, phase, pack number), so they need no state of their own.
 
 Pipeline parallelism: ranks that need no pixels (middle pipeline stages) pass
-``decode_pixels=False``; they get the same pack layout with zero patches.
+``decode_pixels=False``; they get the same pack layout with zero patches. With a ``pipeline``
+group the first stage's loader decides each micro-batch's contents (what decoded) and the others
+follow it (``data.pack_agreement``); the stages agree on a step's micro-batches in ``prepare(n)``
+before megatron's schedule runs, and on a whole split in ``epoch()``.
 """
 
 from __future__ import annotations
@@ -30,7 +36,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import deque
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +48,12 @@ from megatron_finevit.data.bad_samples import BadSampleCounter, BadSampleError
 from megatron_finevit.data.decode_pil import Normalization, decode_pil
 from megatron_finevit.data.index import SampleIndex, dali_index_path, load_index
 from megatron_finevit.data.masking import random_patch_mask
+from megatron_finevit.data.pack_agreement import (
+    Decision,
+    PackChoice,
+    PipelineGroup,
+    broadcast_decision,
+)
 from megatron_finevit.data.packing import PackedBatchSampler
 from megatron_finevit.data.resize import ResizePolicy
 from megatron_finevit.data.shards import IMAGE_EXTS, validate_meta
@@ -59,6 +73,8 @@ class PackedImageBatch:
     images: the decoded images ``[3, H_i, W_i]`` (student-normalised), or None without pixels.
     captions, keys, metas: per image, in pack order (metas: the validated sample JSON).
     mim_mask: bool ``[N]`` over the real patch tokens (Stage I), or None.
+    samples: per image, its row in the index.
+    pack_number: the pack's number in its sampler's stream (seeds the mask).
     """
 
     packed: PackedImages
@@ -67,6 +83,14 @@ class PackedImageBatch:
     keys: list[str]
     metas: list[dict]
     mim_mask: torch.Tensor | None
+    samples: list[int]
+    pack_number: int
+
+    @property
+    def choice(self) -> PackChoice:
+        """What other pipeline stages need to build the same pack."""
+        return PackChoice(self.pack_number, tuple(self.samples),
+                          tuple(tuple(g) for g in self.packed.grids.tolist()))
 
     @property
     def num_images(self) -> int:
@@ -77,15 +101,16 @@ class PackedImageBatch:
         return self.packed.image_lengths
 
 
-def policy_sizes(index: SampleIndex, policy: ResizePolicy, reject_size: int) -> np.ndarray:
-    """Patch tokens ``[n]`` int64 of every indexed sample under ``policy`` (``reject_size`` for
-    samples the policy refuses)."""
+def policy_sizes(index: SampleIndex, policy: ResizePolicy, reject_size: int,
+                 token_multiple: int = 1) -> np.ndarray:
+    """Patch tokens ``[n]`` int64 of every indexed sample under ``policy``, rounded up to
+    ``token_multiple`` (``reject_size`` for samples the policy refuses)."""
     pairs = np.stack([index.height, index.width], axis=1).astype(np.int64)
     unique, inverse = np.unique(pairs, axis=0, return_inverse=True)
     tokens = np.empty(len(unique), dtype=np.int64)
     for i, (h, w) in enumerate(unique.tolist()):
         try:
-            tokens[i] = policy.num_patches(h, w)
+            tokens[i] = -(-policy.num_patches(h, w) // token_multiple) * token_multiple
         except BadSampleError:
             tokens[i] = reject_size
     return tokens[inverse.reshape(-1)]
@@ -160,6 +185,10 @@ class PackedImageLoader:
         dp_rank, dp_size: this rank's disjoint share (``PackedBatchSampler``).
         mask_ratio: draw a Stage I mask per image (None: no masks).
         decode_pixels: False on ranks that only need the layout (middle pipeline stages).
+        token_multiple: each image costs its tokens rounded up to this in the pack budget (2·cp
+            under context parallelism, which pads every image so).
+        pipeline: this replica's pipeline group under pipeline parallelism (the first stage's
+            loader decides the packs, the others follow); None without.
         use_draft: let libjpeg decode at a reduced scale when the target is much smaller
             (faster, slightly different pixels; ``decode_pil``).
         decoder: "pil" (reference, CPU). The DALI reader is sequential and cannot serve
@@ -170,7 +199,8 @@ class PackedImageLoader:
                  dp_rank: int = 0, dp_size: int = 1, seed: int = 0, buffer_size: int = 512,
                  min_fill: float = 0.9, mask_ratio: float | None = None,
                  decode_pixels: bool = True, decoder: str = "pil", use_draft: bool = False,
-                 norm: Normalization = Normalization(), counter: BadSampleCounter | None = None):
+                 norm: Normalization = Normalization(), counter: BadSampleCounter | None = None,
+                 token_multiple: int = 1, pipeline: PipelineGroup | None = None):
         if decoder != "pil":
             raise ValueError(f"decoder={decoder!r}: the packing loader reads samples by random "
                              "access and decodes them with PIL; DALI's webdataset reader is "
@@ -178,6 +208,9 @@ class PackedImageLoader:
         starts = [start for start, _ in phases]
         if not phases or starts[0] != 0 or starts != sorted(set(starts)):
             raise ValueError(f"phases must start at step 0 with increasing steps, got {starts}")
+        if pipeline is not None and pipeline.is_leader and not decode_pixels:
+            raise ValueError("the first pipeline stage decides what decodes: it needs "
+                             "decode_pixels=True")
         self.index = load_index(shard_dir)
         self.reader = SampleReader(self.index)
         self.phases, self.pack_tokens = list(phases), int(pack_tokens)
@@ -185,6 +218,8 @@ class PackedImageLoader:
         self.buffer_size, self.min_fill, self.mask_ratio = buffer_size, min_fill, mask_ratio
         self.decode_pixels, self.norm, self.use_draft = decode_pixels, norm, use_draft
         self.counter = counter if counter is not None else BadSampleCounter(name=str(shard_dir))
+        self.token_multiple, self.pipeline = int(token_multiple), pipeline
+        self._prepared: deque[PackedImageBatch] = deque()  # agreed on, not yet consumed
         self.phase = -1
         self.sampler: PackedBatchSampler | None = None
         self._enter_phase(0)
@@ -208,7 +243,7 @@ class PackedImageLoader:
 
     def _enter_phase(self, phase: int) -> None:
         self.phase = phase
-        sizes = policy_sizes(self.index, self.policy, self.pack_tokens + 1)
+        sizes = policy_sizes(self.index, self.policy, self.pack_tokens + 1, self.token_multiple)
         self.sampler = PackedBatchSampler(
             sizes, self.pack_tokens, buffer_size=self.buffer_size, seed=self.seed * 1000 + phase,
             dp_rank=self.dp_rank, dp_size=self.dp_size, min_fill=self.min_fill)
@@ -220,49 +255,143 @@ class PackedImageLoader:
         return self
 
     def __next__(self) -> PackedImageBatch:
-        while True:
-            pack = next(iter(self.sampler))
-            batch = self._load(pack, self.sampler.stats.num_packs)
-            if batch is not None:
-                return batch
+        if self._prepared:
+            return self._prepared.popleft()
+        if self.pipeline is not None:
+            raise RuntimeError("under pipeline parallelism the stages agree on a step's "
+                               "micro-batches first: call prepare(n) on every stage before "
+                               "the schedule")
+        return next(self._decided())
 
-    def epoch(self):
+    def prepare(self, num_batches: int) -> None:
+        """Under pipeline parallelism: agree with the other stages on the next ``num_batches``
+        micro-batches and queue them for ``next()`` (a collective over the pipeline group: every
+        stage calls it, outside megatron's schedule). Without a pipeline group nothing happens:
+        ``next()`` loads as it goes."""
+        if self.pipeline is None:
+            return
+        if self._prepared:
+            raise RuntimeError(f"{len(self._prepared)} prepared micro-batches were not consumed")
+        self._prepared.extend(self._agree(lambda: list(islice(self._decided(), num_batches))))
+
+    def epoch(self) -> list[PackedImageBatch]:
         """The batches of the rest of the current epoch (every sample of this rank's share once;
-        evaluation uses it on a fresh loader)."""
-        for pack in self.sampler:
-            batch = self._load(pack, self.sampler.stats.num_packs)
-            if batch is not None:
-                yield batch
+        evaluation uses it on a fresh loader). A collective under pipeline parallelism."""
+        return self._agree(lambda: list(self._decided(epoch_only=True)))
+
+    def _decided(self, epoch_only: bool = False):
+        """Batches of the next packs as this loader decodes them (bad samples skipped and
+        counted, packs with no good sample skipped): the decisions of the first stage."""
+        while True:
+            for pack in self.sampler:
+                batch = self._load(pack, self.sampler.stats.num_packs)
+                if batch is not None:
+                    yield batch
+            if epoch_only:
+                return
+
+    def _agree(self, decide) -> list[PackedImageBatch]:
+        """``decide()``'s batches on the first pipeline stage, the same packs built on the
+        others."""
+        if self.pipeline is None:
+            return decide()
+        if self.pipeline.is_leader:
+            try:
+                batches = decide()
+            except Exception:  # let the other stages fail too instead of waiting in broadcast
+                broadcast_decision(Decision((), self.sampler.stats.num_packs, aborted=True),
+                                   self.pipeline)
+                raise
+            broadcast_decision(Decision(tuple(b.choice for b in batches),
+                                        self.sampler.stats.num_packs), self.pipeline)
+            return batches
+        decision = broadcast_decision(None, self.pipeline)
+        if decision.aborted:
+            raise RuntimeError(f"{self.index.shard_dir}: the first pipeline stage failed while "
+                               "loading micro-batches (its log says why)")
+        batches = []
+        for choice in decision.choices:
+            pack, kept = self._draw_until(choice.pack_number), set(choice.samples)
+            if [s for s in pack if s in kept] != list(choice.samples):
+                raise RuntimeError(f"pack {choice.pack_number} differs between pipeline stages "
+                                   "(different data or loader settings)")
+            batches.append(self._follow(choice))
+        self._draw_until(decision.end_pack_number)  # all-bad packs after the last choice
+        return batches
+
+    def _draw_until(self, pack_number: int) -> list[int] | None:
+        """Advance the sampler to ``pack_number`` packs drawn (as the first stage did); the last
+        pack drawn."""
+        pack = None
+        while self.sampler.stats.num_packs < pack_number:
+            pack = next(iter(self.sampler))
+        if self.sampler.stats.num_packs != pack_number:
+            raise RuntimeError(f"this pipeline stage's sampler is past pack {pack_number} "
+                               f"({self.sampler.stats.num_packs}): the stages' loader states "
+                               "differ")
+        return pack
+
+    def _decode(self, image_bytes: bytes) -> torch.Tensor:
+        return decode_pil(image_bytes, self.policy, self.norm, use_draft=self.use_draft)
+
+    def _grid(self, sample: int, image: torch.Tensor | None) -> tuple[int, int]:
+        """Patch grid of a decoded image, or from the index without pixels."""
+        patch = self.policy.patch_size
+        if image is not None:
+            return image.shape[1] // patch, image.shape[2] // patch
+        h, w = self.policy.target_size(int(self.index.height[sample]),
+                                       int(self.index.width[sample]))
+        return h // patch, w // patch
 
     def _load(self, pack: list[int], pack_number: int) -> PackedImageBatch | None:
-        images, captions, keys, grids, metas = [], [], [], [], []
-        patch = self.policy.patch_size
+        """Read (and decode) the samples of ``pack``; bad ones are skipped and counted."""
+        samples, grids, images, metas = [], [], [], []
         for sample in pack:
+            try:
+                image_bytes, meta = self.reader.read(sample)
+                image = self._decode(image_bytes) if self.decode_pixels else None
+            except BadSampleError as err:
+                shard = self.index.shards[int(self.index.shard_id[sample])]
+                self.counter.skip_error(err, shard=shard, member=str(self.index.key[sample]))
+                continue
+            self.counter.ok()
+            samples.append(sample)
+            grids.append(self._grid(sample, image))
+            metas.append(meta)
+            if image is not None:
+                images.append(image)
+        if not samples:
+            return None
+        return self._assemble(pack_number, samples, grids, images, metas)
+
+    def _follow(self, choice: PackChoice) -> PackedImageBatch:
+        """The batch the first pipeline stage made of a pack, rebuilt here (decoding too when
+        this stage needs pixels); a kept sample that fails here means the decoders disagree."""
+        images, metas = [], []
+        for sample, grid in zip(choice.samples, choice.grids):
             key = str(self.index.key[sample])
             try:
                 image_bytes, meta = self.reader.read(sample)
                 if self.decode_pixels:
-                    image = decode_pil(image_bytes, self.policy, self.norm,
-                                       use_draft=self.use_draft)
-                    grids.append((image.shape[1] // patch, image.shape[2] // patch))
+                    image = self._decode(image_bytes)
+                    if self._grid(sample, image) != grid:
+                        raise BadSampleError("grid_mismatch", f"decoded grid "
+                                             f"{self._grid(sample, image)}, first stage {grid}")
                     images.append(image)
-                else:
-                    h, w = self.policy.target_size(int(self.index.height[sample]),
-                                                   int(self.index.width[sample]))
-                    grids.append((h // patch, w // patch))
             except BadSampleError as err:
-                self.counter.skip_error(err, shard=self.index.shards[int(self.index.shard_id[sample])],
-                                        member=key)
-                continue
-            self.counter.ok()
-            captions.append(meta.get("caption", ""))
-            keys.append(key)
+                raise RuntimeError(f"sample {key} that the first pipeline stage kept fails on this "
+                                   f"stage ({err}): the stages' decoders disagree") from None
             metas.append(meta)
-        if not keys:
-            return None
+        self.counter.ok(len(metas))
+        return self._assemble(choice.pack_number, list(choice.samples), list(choice.grids),
+                              images, metas)
+
+    def _assemble(self, pack_number: int, samples: list[int], grids: list[tuple[int, int]],
+                  images: list[torch.Tensor], metas: list[dict]) -> PackedImageBatch:
         if self.decode_pixels:
             packed = pack_images(images, pad_to=self.pack_tokens)
         else:
+            patch = self.policy.patch_size
             packed = _layout_only(grids, self.pack_tokens, 3 * patch * patch)
         mask = None
         if self.mask_ratio is not None:
@@ -270,12 +399,17 @@ class PackedImageLoader:
                 int(np.random.SeedSequence([self.seed, self.dp_rank, self.phase, pack_number])
                     .generate_state(1)[0]))
             mask = random_patch_mask(packed.image_lengths, self.mask_ratio, generator=generator)
-        return PackedImageBatch(packed, images if self.decode_pixels else None, captions, keys,
-                                metas, mask)
+        return PackedImageBatch(packed, images if self.decode_pixels else None,
+                                [m.get("caption", "") for m in metas],
+                                [str(self.index.key[s]) for s in samples], metas, mask,
+                                samples, pack_number)
 
     # --- resume -------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
+        if self._prepared:
+            raise RuntimeError("loader state asked between prepare() and the use of its "
+                               "micro-batches: save at a step boundary")
         return {"version": _STATE_VERSION, "phase": self.phase,
                 "sampler": self.sampler.state_dict()}
 

@@ -99,6 +99,29 @@ def test_layout_only_matches_decoded_layout(shard_dir):
     assert torch.equal(a.packed.grids, b.packed.grids) and not b.packed.patches.any()
 
 
+def test_budget_holds_the_context_parallel_padding(shard_dir):
+    """Under CP4 the encoder pads every image to a multiple of 8 (``cp_padded_length``): packs
+    budgeted at that padded length fit the pack, packs budgeted at real tokens do not always."""
+    from megatron_finevit.models.attention import cp_padded_length
+    from megatron_finevit.models.vit import prepare_encoder_input
+
+    pack = 64
+
+    def epoch(**kw):
+        return PackedImageLoader(shard_dir, PHASES[:1], pack, buffer_size=32, seed=5, **kw).epoch()
+
+    def padded(batch):
+        return sum(cp_padded_length(n, 4) for n in batch.image_tokens)
+
+    assert max(padded(b) for b in epoch()) > pack  # real tokens overflow
+    budgeted = epoch(token_multiple=8)
+    assert sum(len(b.keys) for b in budgeted) == 96  # every sample still fits a pack
+    for batch in budgeted:
+        assert padded(batch) <= pack
+        inp = prepare_encoder_input(batch.packed, cp_size=4, cp_rank=3, total_tokens=pack)
+        assert inp.patches.shape[0] == pack // 4
+
+
 def test_bad_sample_is_skipped_and_counted(shard_dir, monkeypatch):
     loader = _loader(shard_dir)
     real_read = loader.reader.read

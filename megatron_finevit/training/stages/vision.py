@@ -2,6 +2,12 @@
 image loader for a data-parallel rank, a pack's encoder input for this (CP, TP) rank, and the
 FLOP count of a pack.
 
+Data under the parallel layout: under context parallelism every image is padded to a multiple
+of 2·cp before the encoder, so the loader budgets images at that padded length
+(``data.image_token_multiple``); under pipeline parallelism the stages' loaders agree on each
+step's micro-batches before megatron's schedule (``on_step`` -> ``PackedImageLoader.prepare``):
+the first stage decides what decoded, the others follow (``data.pack_agreement``).
+
 FLOPs (forward + backward = 3× forward, matmuls only): per image of ``n`` tokens,
 ``2 · params · n`` for the weights and ``4 · n² · h`` per layer for the attention scores and
 their weighted sum; each image attends only to itself, so the quadratic term is per image.
@@ -16,7 +22,9 @@ import torch
 from megatron_finevit.config.train import TrainConfig
 from megatron_finevit.config.vit import FineViTConfig, vit_preset
 from megatron_finevit.data.loader import PackedImageBatch, PackedImageLoader
+from megatron_finevit.data.pack_agreement import PipelineGroup
 from megatron_finevit.data.resize import DEFAULT_MIN_PIXELS, ResizePolicy
+from megatron_finevit.models.attention import cp_padded_length
 
 
 @dataclass
@@ -33,6 +41,10 @@ class DataSection:
     min_fill: float = 0.9
     decoder: str = "pil"
     use_draft: bool = False            # faster reduced-scale JPEG decode
+    # Each image's cost in the pack budget is rounded up to this multiple; 0: what the encoder
+    # pads it to (2·cp under context parallelism, else 1). A multiple of 2·cp; a larger one
+    # keeps the packs of runs at different CP sizes identical.
+    image_token_multiple: int = 0
 
 
 def transformer_flops(params: int, lengths: list[int], num_layers: int, hidden: int) -> float:
@@ -58,6 +70,12 @@ class VisionStage:
         if cfg.data.pack_tokens % multiple:
             raise ValueError(f"stage_config.data.pack_tokens={cfg.data.pack_tokens} must be a "
                              f"multiple of {multiple} (2·cp·sp) for this layout")
+        padded = cp_padded_length(1, p.context_parallel)  # the padding unit of one image
+        if cfg.data.image_token_multiple < 0 or cfg.data.image_token_multiple % padded:
+            raise ValueError(f"stage_config.data.image_token_multiple="
+                             f"{cfg.data.image_token_multiple} must be 0 or a multiple of "
+                             f"{padded} (2·cp: the encoder pads every image to it)")
+        self.image_token_multiple = cfg.data.image_token_multiple or padded
         self.step = 0
         self.loader: PackedImageLoader | None = None
 
@@ -93,7 +111,8 @@ class VisionStage:
             data_dir, self.phases(), d.pack_tokens, dp_rank=dp_rank, dp_size=dp_size,
             seed=self.run.seed if seed is None else seed, buffer_size=d.buffer_size,
             min_fill=d.min_fill, mask_ratio=mask_ratio, decode_pixels=decode_pixels,
-            decoder=d.decoder, use_draft=d.use_draft)
+            decoder=d.decoder, use_draft=d.use_draft, token_multiple=self.image_token_multiple,
+            pipeline=pipeline_group())
 
     def encoder_input(self, batch: PackedImageBatch):
         """The pack laid out for this rank (CP chunks, SP split, fixed size)."""
@@ -115,6 +134,20 @@ class VisionStage:
         self.step = step
         if self.loader is not None:
             self.loader.set_step(step)
+            # the pipeline stages agree on this step's micro-batches before the schedule runs
+            self.loader.prepare(self.run.global_batch_size // self.loader.dp_size)
+
+
+def pipeline_group() -> PipelineGroup | None:
+    """This replica's pipeline group for the loaders' agreement, None without PP."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_finevit.platform.distributed import collective_device
+
+    if not ps.model_parallel_is_initialized() or ps.get_pipeline_model_parallel_world_size() == 1:
+        return None
+    return PipelineGroup(ps.get_pipeline_model_parallel_group(),
+                         ps.get_pipeline_model_parallel_first_rank(), collective_device())
 
 
 def forward_over_split(stage: VisionStage, model_chunks: list, data_dir: str, forward,
@@ -139,7 +172,7 @@ def forward_over_split(stage: VisionStage, model_chunks: list, data_dir: str, fo
                                or (pixels_on_last_stage and ps.is_pipeline_last_stage()),
                                mask_ratio=mask_ratio, seed=0)
     loader.set_step(stage.step)
-    batches = list(loader.epoch())
+    batches = loader.epoch()  # a collective: the pipeline stages agree on the packs
     kept = []
 
     def forward_step(data_iterator, model):
