@@ -184,11 +184,12 @@ def alone_batch(sample: dict) -> dict:
             "positions": torch.arange(len(sample["ids"]))[None]}
 
 
-def packed_batch(config, samples: list[dict], budget: int, seed: int = SEED) -> dict:
+def packed_batch(config, samples: list[dict], budget: int, seed: int = SEED,
+                 image_budget: int | None = None) -> dict:
     """Samples back to back in one ``[1, budget]`` THD micro-batch: one segment each, the tail
     (random non-image ids and labels, masked) a segment of its own, positions restarting per
-    segment; images in pack order. ``sample_masks`` ``[k, budget]`` picks each sample's loss
-    terms."""
+    segment; images in pack order (their patches padded to ``image_budget`` rows when given).
+    ``sample_masks`` ``[k, budget]`` picks each sample's loss terms."""
     from megatron_finevit.models.llm.packing import segment_positions, thd_packed_seq_params
 
     lengths = [len(sample["ids"]) for sample in samples]
@@ -208,7 +209,9 @@ def packed_batch(config, samples: list[dict], budget: int, seed: int = SEED) -> 
         start = int(cu_seqlens[index])
         masks[index, start:start + lengths[index]] = sample["loss_mask"]
     batch = {key: torch.cat(values)[None] for key, values in columns.items()}
-    return {**batch, "images": pack_images([img for sample in samples for img in sample["images"]]),
+    images = pack_images([img for sample in samples for img in sample["images"]],
+                         pad_to=image_budget)
+    return {**batch, "images": images,
             "positions": segment_positions(cu_seqlens)[None],
             "params": thd_packed_seq_params(cu_seqlens), "sample_masks": masks}
 
@@ -221,6 +224,7 @@ TRAIN_SEQ_LENGTH = 16
 TRAIN_PACKS = [[([(56, 84)], 11), ([(28, 56)], 9), ([(56, 56)], 10)],
                [([(28, 28)], 12), ([(56, 28)], 14)]]
 TRAIN_PACK_BUDGET = 32
+TRAIN_PACK_IMAGE_BUDGET = 52  # patch rows per pack (48 and 12 real), padded as a data loader does
 
 
 def train_microbatches(config) -> list[dict]:
@@ -232,12 +236,14 @@ def train_microbatches(config) -> list[dict]:
 
 
 def packed_train_microbatches(config) -> list[dict]:
-    """``TRAIN_PACKS`` as two ``[1, 32]`` THD packs (samples of 9-14 tokens, padded tails)."""
+    """``TRAIN_PACKS`` as two ``[1, 32]`` THD packs (samples of 9-14 tokens, padded tails; image
+    patches padded to 52 rows)."""
     batches = []
     for index, pack in enumerate(TRAIN_PACKS):
         generator = torch.Generator().manual_seed(SEED + 100 + index)
         samples = [vl_sample(config, sizes, length, generator) for sizes, length in pack]
-        batches.append(packed_batch(config, samples, TRAIN_PACK_BUDGET, seed=SEED + index))
+        batches.append(packed_batch(config, samples, TRAIN_PACK_BUDGET, seed=SEED + index,
+                                    image_budget=TRAIN_PACK_IMAGE_BUDGET))
     return batches
 
 
@@ -326,7 +332,8 @@ def _tied_output_as_embedding(oracle: dict):
 # --- packing: a pack gives each sample's loss and gradients as that sample alone ------------------
 
 ISOLATION_SAMPLES = [([(56, 84)], 13), ([(28, 56)], 8), ([(56, 56)], 11)]  # (images, tokens)
-ISOLATION_PADDING = 9
+ISOLATION_PADDING = 9          # text tokens after the samples
+ISOLATION_IMAGE_BUDGET = 60    # patch rows: the images' 48 and a padding segment
 
 
 def _masked_losses_and_grads(model, batch: dict, masks: torch.Tensor) -> list[tuple]:
@@ -361,8 +368,8 @@ def _isolation_diffs(got: list[tuple], alone: list[tuple]) -> dict:
 
 def packing_isolation(config) -> dict:
     """Single rank, fp32: ``ISOLATION_SAMPLES`` (one image of a different size each) run alone
-    (unpacked) against the same samples packed — tight (``packed``), with a random masked tail
-    (``padded``) and, as a check that the comparison can fail, as one plain causal row with no
+    (unpacked) against the same samples packed — tight (``packed``), with a random masked text
+    tail and a padding segment after the image patches (``padded``) and, as a check that the comparison can fail, as one plain causal row with no
     segments (``unsegmented``: later samples see earlier ones). Returns each one's
     ``_isolation_diffs`` and ``grad_scale``, the smallest max |gradient| of any parameter alone."""
     model = build_model(config, Layout())
@@ -374,8 +381,10 @@ def packing_isolation(config) -> dict:
              for s in samples]
     tight = sum(length for _, length in ISOLATION_SAMPLES)
     report = {"grad_scale": min(g.abs().max().item() for _, grads in alone for g in grads)}
-    for name, budget in (("packed", tight), ("padded", tight + ISOLATION_PADDING)):
-        batch = packed_batch(config, samples, budget)
+    for name, budget, image_budget in (("packed", tight, None),
+                                       ("padded", tight + ISOLATION_PADDING,
+                                        ISOLATION_IMAGE_BUDGET)):
+        batch = packed_batch(config, samples, budget, image_budget=image_budget)
         report[name] = _isolation_diffs(
             _masked_losses_and_grads(model, batch, batch["sample_masks"]), alone)
     unsegmented = packed_batch(config, samples, tight)

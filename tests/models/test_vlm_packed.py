@@ -1,7 +1,8 @@
 """FineViT-VL on packed multimodal micro-batches (several samples, each an image and text, in one
-``[1, T]`` THD row): each sample's loss and gradients equal that sample run alone (fp32), a
-padded tail changes nothing, and the packed training step at TP2 + SP and at PP2 equals the
-single-rank one. Oracles: the unpacked per-sample run, and the single-rank step."""
+``[1, T]`` THD row): each sample's loss and gradients equal that sample run alone (fp32), padding
+(a masked text tail, a padding segment after the image patches) changes nothing, and the packed
+training step at TP2 + SP and at PP2 equals the single-rank one. Oracles: the unpacked
+per-sample run, and the single-rank step."""
 
 from __future__ import annotations
 
