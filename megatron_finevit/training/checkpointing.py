@@ -31,6 +31,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_finevit.training.optim import check_groups_after_load, group_settings
+
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
@@ -228,6 +230,10 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, weights_only:
     same_layout = common["layout"] == _layout()
     with_rank_states = same_layout and not weights_only
     if not weights_only:
+        # Before the template: megatron's distributed optimizer builds it by loading its own
+        # state into itself (distrib_optimizer.py sharded_state_dict, is_loading), which already
+        # pairs param groups the way the real load will.
+        fresh_groups = group_settings(optimizer, model)
         _materialise_optimizer_state(optimizer)
     template = _sharded_state(model, None if weights_only else optimizer, is_loading=True,
                               with_rank_states=with_rank_states,
@@ -252,6 +258,7 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, weights_only:
     model.load_state_dict(loaded["model"])
     optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(common["scheduler"])
+    check_groups_after_load(fresh_groups, group_settings(optimizer, model))
     data_state = None
     if with_rank_states:
         set_rng_state(loaded["rng"])

@@ -17,8 +17,9 @@ GPU_BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362
 
 def measure_gemm_tflops(size: int = 1024, repeats: int = 5, dtype=torch.float32) -> float:
     """This machine's large-GEMM rate: the physical limit a CPU run is measured against."""
-    a = torch.randn(size, size, dtype=dtype)
-    b = torch.randn(size, size, dtype=dtype)
+    # Its own generator: the trainer calls this after a resume restored torch's random stream.
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(size, size, dtype=dtype, generator=generator) for _ in range(2))
     a @ b  # warm-up
     best = float("inf")
     for _ in range(repeats):

@@ -64,6 +64,9 @@ class ContrastiveStageConfig:
     data: DataSection = field(default_factory=DataSection)
 
 
+TEXT_TOWER_GROUP = "text_tower"  # the optimiser groups of the text tower (optim.GROUP_NAME)
+
+
 def _current(schedule: list[tuple[int, int]], step: int) -> int:
     return [value for start, value in schedule if start <= step][-1]
 
@@ -224,18 +227,21 @@ class ContrastiveStage(VisionStage):
         from megatron.core.optimizer import ParamKey
 
         from megatron_finevit.models.text_tower import TEXT_TOWER_PARAM_ATTR
+        from megatron_finevit.training.optim import named_overrides
 
-        # Its own group, marked so on_step can find it (group keys survive megatron's wrappers).
-        return {ParamKey(attr=TEXT_TOWER_PARAM_ATTR): {"text_tower_group": True}}
+        # The tower in its own named groups (its biases and norms without weight decay, as the
+        # ViT's), so on_step finds them and a checkpoint load pairs them with the saved ones.
+        return named_overrides(self.run, {TEXT_TOWER_GROUP: ParamKey(attr=TEXT_TOWER_PARAM_ATTR)})
 
     def on_step(self, step: int, model_chunks: list, optimizer) -> None:
+        from megatron_finevit.training.optim import groups_named
+
         super().on_step(step, model_chunks, optimizer)
         trainable = self.text_trainable_at(step)
         self.module.set_text_trainable(trainable)
         if not trainable:
-            for group in optimizer.param_groups:
-                if group.get("text_tower_group"):
-                    group["lr"] = 0.0
+            for group in groups_named(optimizer, TEXT_TOWER_GROUP):
+                group["lr"] = 0.0
         for start, length in self.contexts[1:]:
             if step == start:
                 self._extend_context(self.context_at(step - 1), length, optimizer)

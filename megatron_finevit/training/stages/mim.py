@@ -160,7 +160,9 @@ class MIMStage(VisionStage):
         return float(batch.num_images), float(sum(batch.image_tokens)), self.vit_flops(batch)
 
     def optimizer_overrides(self) -> dict:
-        return {}
+        from megatron_finevit.training.optim import named_overrides
+
+        return named_overrides(self.run, {})  # the ViT and MIM head: one policy, no named groups
 
     def evaluate(self, model_chunks: list) -> dict[str, float]:
         """``{"mim_loss", "mim_cosine", "masked_tokens", "num_images"}`` over ``eval_data_dir`` on
