@@ -17,10 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
-from megatron_finevit.config.loader import ConfigError, from_dict, load_config
+from megatron_finevit.config.errors import ConfigError, UserError, report_user_error
+from megatron_finevit.config.loader import config_from_data, load_config_collecting
 from megatron_finevit.config.train import TrainConfig
 
 TASK_KEYS = {"retrieval": ("i2t", "t2i", "chance_r1", "num_images"),
@@ -41,29 +41,48 @@ def parse_args(argv=None):
 
 
 def checkpoint_config(checkpoint_dir: str) -> dict:
-    """The run config saved with the newest checkpoint in ``checkpoint_dir``."""
+    """The run config saved with the newest checkpoint in ``checkpoint_dir`` (checked whole)."""
     from megatron.core import dist_checkpointing
 
+    from megatron_finevit.training.checkpoint_files import reading_checkpoint
     from megatron_finevit.training.checkpointing import latest_checkpoint
 
     path = latest_checkpoint(checkpoint_dir)
-    if path is None:
-        raise FileNotFoundError(f"{checkpoint_dir} holds no checkpoint (no `latest` pointer)")
-    return dist_checkpointing.load_common_state_dict(str(path))["common"]["config"]
+    with reading_checkpoint(path):
+        return dist_checkpointing.load_common_state_dict(str(path))["common"]["config"]
 
 
 def evaluation_config(args) -> TrainConfig:
+    """The run config to evaluate with, checked like a training run (``training.preflight``):
+    raises ``UserError`` listing every problem of the arguments, the config and the files."""
+    from megatron_finevit.training.checkpoint_files import CheckpointError
+    from megatron_finevit.training.preflight import (
+        InputPath,
+        PreflightErrors,
+        find_problems,
+        input_path_problems,
+        launch_world_size,
+        published_checkpoint_problems,
+    )
+
+    _, checkpoint_problems = published_checkpoint_problems("--checkpoint", args.checkpoint)
     if args.config:
-        cfg = load_config(TrainConfig, args.config, args.overrides)
+        cfg, problems = load_config_collecting(TrainConfig, args.config, args.overrides)
+    elif not checkpoint_problems:
+        cfg, problems = config_from_data(TrainConfig, checkpoint_config(args.checkpoint),
+                                         args.overrides)
     else:
-        saved = checkpoint_config(args.checkpoint)
-        cfg = _apply_overrides(saved, args.overrides) if args.overrides else from_dict(
-            TrainConfig, saved)
+        cfg, problems = None, []
+    if cfg is None:  # no config to check the rest against: report what is known
+        data = input_path_problems(InputPath("--data", args.data, "shards"))
+        raise PreflightErrors([error for error in (
+            (problems or data) and ConfigError(problems + data),
+            checkpoint_problems and CheckpointError(checkpoint_problems)) if error])
     if cfg.stage not in ("mim", "contrastive"):
-        raise ConfigError(f"stage {cfg.stage!r} has no evaluation here: give a Stage I (mim) or "
-                          "Stage II (contrastive) checkpoint or --config")
-    if args.task != "all" and (args.task == "mim") != (cfg.stage == "mim"):
-        raise ConfigError(f"--task {args.task} does not apply to a {cfg.stage} run")
+        problems.append(f"stage {cfg.stage!r} has no evaluation here: give a Stage I (mim) or "
+                        "Stage II (contrastive) checkpoint or --config")
+    elif args.task != "all" and (args.task == "mim") != (cfg.stage == "mim"):
+        problems.append(f"--task {args.task} does not apply to a {cfg.stage} run")
     cfg.train_steps, cfg.global_batch_size = 0, 1
     cfg.optim.warmup_steps = 0
     cfg.parallel.tensor_parallel = cfg.parallel.pipeline_parallel = 1
@@ -73,20 +92,10 @@ def evaluation_config(args) -> TrainConfig:
     cfg.eval.at_start = cfg.eval.at_end = False
     cfg.logging.tensorboard_dir, cfg.logging.progress_bar = None, False
     cfg.stage_config["eval_data_dir"] = args.data
+    error = find_problems(cfg, launch_world_size(), problems).error()
+    if error is not None:
+        raise error
     return cfg
-
-
-def _apply_overrides(saved: dict, overrides: list[str]) -> TrainConfig:
-    import tempfile
-
-    import yaml
-
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
-        yaml.safe_dump(saved, handle)
-    try:
-        return load_config(TrainConfig, handle.name, overrides)
-    finally:
-        Path(handle.name).unlink()
 
 
 def select(results: dict[str, float], task: str) -> dict[str, float]:
@@ -124,16 +133,14 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = evaluation_config(args)
-        cfg.validate()
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
-    import torch.distributed as dist
+        import torch.distributed as dist
 
-    from megatron_finevit.training.trainer import Trainer
+        from megatron_finevit.training.trainer import Trainer
 
-    trainer = Trainer(cfg)
-    results = select(trainer.evaluate(), args.task)
+        results = select(Trainer(cfg).evaluate(), args.task)
+    except UserError as exc:
+        # every rank checked the same arguments and exits 2; only global rank 0 prints
+        return report_user_error(exc)
     if dist.get_rank() == dist.get_world_size() - 1:
         print(format_table(results))
         if args.json:

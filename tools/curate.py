@@ -22,6 +22,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from megatron_finevit.config.errors import UserError, report_user_error
 from megatron_finevit.curation.config import CurationConfig, apply_overrides
 from megatron_finevit.curation.pipeline import Curator, format_report
 from megatron_finevit.curation.visualize import SampleReservoir, render_regions_png
@@ -31,18 +32,29 @@ from megatron_finevit.data.shards import ShardWriter, iter_shard_records, list_s
 logger = logging.getLogger("curate")
 
 
+def directory_problems(in_dir: Path, out_dir: Path) -> list[str]:
+    """One line per reason the shards of ``in_dir`` cannot be curated into ``out_dir``."""
+    if not in_dir.is_dir():
+        return [f"IN_SHARD_DIR {in_dir}: no such directory"]
+    if not list_shards(in_dir):
+        return [f"IN_SHARD_DIR {in_dir} holds no shards named PREFIX-NNNNNN.tar"]
+    if out_dir.resolve() == in_dir.resolve():
+        return ["OUT_SHARD_DIR must differ from IN_SHARD_DIR"]
+    if out_dir.is_dir() and list_shards(out_dir):
+        # never mix with (or half-overwrite) an earlier output
+        return [f"OUT_SHARD_DIR {out_dir} already holds shards; curate into a new directory"]
+    return []
+
+
 def curate(in_dir: str | Path, out_dir: str | Path, cfg: CurationConfig,
            samples_per_shard: int = 1000, prefix: str = "curated", progress: bool = True,
            max_bad_fraction: float = 0.05) -> dict:
     """Curate all shards of `in_dir` into `out_dir`; returns the report (also written there)."""
     in_dir, out_dir = Path(in_dir), Path(out_dir)
+    problems = directory_problems(in_dir, out_dir)
+    if problems:
+        raise UserError(problems)
     shards = list_shards(in_dir)
-    if not shards:
-        raise FileNotFoundError(f"no *-NNNNNN.tar shards in {in_dir}")
-    if out_dir.resolve() == in_dir.resolve():
-        raise ValueError("OUT_SHARD_DIR must differ from IN_SHARD_DIR")
-    if out_dir.is_dir() and list_shards(out_dir):
-        raise FileExistsError(f"{out_dir} already holds shards; curate into a new directory")
     curator = Curator(cfg)
     reservoir = SampleReservoir(cfg.num_visualized, seed=cfg.seed)
     bad = BadSampleCounter(max_bad_fraction=max_bad_fraction, name="curate")
@@ -94,8 +106,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = apply_overrides(CurationConfig.for_stage(args.stage), args.config)
     except ValueError as err:
         parser.error(str(err))
-    curate(args.in_dir, args.out_dir, cfg, args.samples_per_shard, args.prefix,
-           progress=not args.no_progress, max_bad_fraction=args.max_bad_fraction)
+    try:
+        curate(args.in_dir, args.out_dir, cfg, args.samples_per_shard, args.prefix,
+               progress=not args.no_progress, max_bad_fraction=args.max_bad_fraction)
+    except UserError as exc:  # a missing or unusable directory: one line, exit 2
+        return report_user_error(exc)
     return 0
 
 

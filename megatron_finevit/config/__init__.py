@@ -1,9 +1,5 @@
-"""Model and run configuration: dataclass presets."""
+"""Model and run configuration: dataclass presets (``vit``, ``text``, ``llm``, ``vlm``), the run
+config (``train``), YAML loading with overrides (``loader``) and user errors (``errors``).
 
-from megatron_finevit.config.vit import (
-    VIT_PRESETS,
-    FineViTConfig,
-    finevit_0p86b,
-    tiny_vit,
-    vit_preset,
-)
+Nothing is imported here, so ``config.errors`` and ``config.loader`` stay free of torch for the
+tools that only report user errors."""

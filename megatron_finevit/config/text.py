@@ -69,6 +69,13 @@ class SigLIP2TextConfig(DictConfig):
     def validate(self, tensor_parallel: int = 1, pipeline_parallel: int = 1,
                  context_parallel: int = 1) -> None:
         """Raise ValueError listing every inconsistency, before any tensor is allocated."""
+        problems = self.problems(tensor_parallel, pipeline_parallel, context_parallel)
+        if problems:
+            raise ValueError("invalid SigLIP2 text config: " + "; ".join(problems))
+
+    def problems(self, tensor_parallel: int = 1, pipeline_parallel: int = 1,
+                 context_parallel: int = 1) -> list[str]:
+        """One line per inconsistency of these shapes at this parallel layout."""
         problems = nonpositive_fields(self)
         if self.hidden_size % self.num_attention_heads:
             problems.append(f"num_attention_heads={self.num_attention_heads} does not divide "
@@ -84,8 +91,7 @@ class SigLIP2TextConfig(DictConfig):
         if self.spec_backend not in SPEC_BACKENDS:
             problems.append(f"spec_backend must be one of {SPEC_BACKENDS}, "
                             f"got {self.spec_backend!r}")
-        if problems:
-            raise ValueError("invalid SigLIP2 text config: " + "; ".join(problems))
+        return problems
 
     def to_transformer_config(self, tensor_parallel: int = 1, sequence_parallel: bool = False,
                               params_dtype: torch.dtype = torch.float32, **overrides):

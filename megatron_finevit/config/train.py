@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from megatron_finevit.config.errors import ConfigError
+
 
 @dataclass
 class ParallelSection:
@@ -90,7 +92,9 @@ class TrainConfig:
             return torch.bfloat16 if on_gpu else torch.float32
         return torch.bfloat16 if self.precision == "bf16" else torch.float32
 
-    def validate(self) -> None:
+    def problems(self) -> list[str]:
+        """One line per inconsistency of the run config itself (the stage checks
+        ``stage_config``, ``training.preflight`` the layout, the batch and the files)."""
         problems = []
         if self.engine not in ("megatron", "deepspeed"):
             problems.append(f"engine must be 'megatron' or 'deepspeed', got {self.engine!r}")
@@ -110,5 +114,10 @@ class TrainConfig:
                                 "and context parallel to 1")
         if self.checkpoint.save_interval and not self.checkpoint.dir:
             problems.append("checkpoint.save_interval is set but checkpoint.dir is not")
+        return problems
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` listing every problem of ``problems()``."""
+        problems = self.problems()
         if problems:
-            raise ValueError("invalid run config: " + "; ".join(problems))
+            raise ConfigError(problems)

@@ -25,12 +25,19 @@ class ParallelConfig:
     def validate(self, world_size: int, num_attention_heads: int | None = None,
                  num_query_groups: int | None = None, num_layers: int | None = None) -> None:
         """Raise ValueError with every problem found, before any process group exists."""
+        problems = self.problems(world_size, num_attention_heads, num_query_groups, num_layers)
+        if problems:
+            raise ValueError("invalid parallel config: " + "; ".join(problems))
+
+    def problems(self, world_size: int, num_attention_heads: int | None = None,
+                 num_query_groups: int | None = None, num_layers: int | None = None) -> list[str]:
+        """One line per problem of this layout on ``world_size`` ranks (and the model dims)."""
         problems = []
         for name in ("tensor_parallel", "pipeline_parallel", "context_parallel"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be >= 1")
         if problems:
-            raise ValueError("invalid parallel config: " + "; ".join(problems))
+            return problems
         if world_size % self.model_parallel:
             problems.append(
                 f"world size {world_size} is not divisible by tensor_parallel x pipeline_parallel x "
@@ -50,8 +57,7 @@ class ParallelConfig:
             stages = self.pipeline_parallel * (self.virtual_pipeline or 1)
             if num_layers < stages:
                 problems.append(f"num_layers={num_layers} is fewer than the {stages} pipeline stages")
-        if problems:
-            raise ValueError("invalid parallel config: " + "; ".join(problems))
+        return problems
 
 
 def init_parallel(config: ParallelConfig, **model_dims) -> None:

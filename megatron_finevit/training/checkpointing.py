@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_finevit.training.checkpoint_files import CheckpointError, reading_checkpoint
 from megatron_finevit.training.optim import check_groups_after_load, group_settings
 
 log = logging.getLogger(__name__)
@@ -146,8 +147,8 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
         return None
     path = Path(directory) / pointer.read_text().strip()
     if not path.is_dir():
-        raise RuntimeError(f"{pointer} names {path.name}, which does not exist: the checkpoint "
-                           "directory was modified by hand; fix or remove the pointer")
+        raise CheckpointError(f"{pointer} names {path.name}, which does not exist: the "
+                              "checkpoint directory was modified by hand; fix or remove the pointer")
     return path
 
 
@@ -221,7 +222,8 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, weights_only:
     """
     from megatron.core import dist_checkpointing
 
-    common = dist_checkpointing.load_common_state_dict(str(path))["common"]
+    with reading_checkpoint(path):  # a cut-off file: one line naming it, not EOFError
+        common = dist_checkpointing.load_common_state_dict(str(path))["common"]
     if not weights_only and common["optimizer"] != _optimizer_kind(optimizer):
         raise RuntimeError(
             f"{path} holds {common['optimizer']} optimizer state but this run uses "
@@ -245,8 +247,9 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, weights_only:
 
         # megatron's naming: "missing" = in the checkpoint, not asked for; "unexpected" = asked
         # for, not in the checkpoint (those keep their fresh initialisation).
-        loaded, unused, fresh = dist_checkpointing.load(
-            template, str(path), strict=StrictHandling.RETURN_ALL)
+        with reading_checkpoint(path):
+            loaded, unused, fresh = dist_checkpointing.load(
+                template, str(path), strict=StrictHandling.RETURN_ALL)
         fresh = sorted(fresh)
         model.load_state_dict(loaded["model"], strict=not fresh)
         log.info("checkpoint: initialised weights from %s; %d tensors kept their fresh "
@@ -254,7 +257,8 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, weights_only:
                  f" ({', '.join(fresh[:6])}{' ...' if len(fresh) > 6 else ''})" if fresh else "",
                  len(unused))
         return TrainState(), None
-    loaded = dist_checkpointing.load(template, str(path))
+    with reading_checkpoint(path):
+        loaded = dist_checkpointing.load(template, str(path))
     model.load_state_dict(loaded["model"])
     optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(common["scheduler"])

@@ -30,7 +30,10 @@ LossFn = Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 class Stage(Protocol):
     """What a training stage provides. ``run`` is the whole run config; the stage parses and
-    validates ``run.stage_config`` into its own dataclass in ``__init__``."""
+    validates ``run.stage_config`` into its own dataclass in ``__init__`` (reading no file,
+    raising ``ConfigError`` with every problem). Optional, for ``training.preflight`` and
+    ``--dry-run``: ``config_class`` (that dataclass, with ``input_paths()``: the files the stage
+    reads) and ``microbatch_phases()`` (samples per micro-batch, per schedule phase)."""
 
     name: str
 
@@ -82,7 +85,9 @@ def register_stage(name: str, target: str) -> None:
 
 def get_stage(name: str) -> type:
     if name not in _STAGES:
-        raise ValueError(f"unknown stage {name!r}; registered: {sorted(_STAGES)}")
+        from megatron_finevit.config.errors import ConfigError, unknown_choice
+
+        raise ConfigError(f"stage: {unknown_choice('stage', name, _STAGES)}")
     module_name, _, class_name = _STAGES[name].partition(":")
     return getattr(importlib.import_module(module_name), class_name)
 

@@ -30,7 +30,7 @@ from megatron_finevit.training.checkpointing import (
 from megatron_finevit.training.metrics import MetricsSink, Throughput, peak_tflops
 from megatron_finevit.training.optim import build_optimizer, build_scheduler
 from megatron_finevit.training.preemption import PreemptionHandler, handler_for_run
-from megatron_finevit.training.stage import get_stage
+from megatron_finevit.training.preflight import check_run, launch_world_size
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +94,10 @@ class Trainer:
             set_seed,
         )
 
-        cfg.validate()
         self.cfg = cfg
-        self.stage = get_stage(cfg.stage)(cfg)  # validates the stage config before any compute
+        # Every problem of the config, layout, batch and input files, before any process group
+        # or model exists (UserError: the entry points print one line each and exit 2).
+        self.stage = check_run(cfg, launch_world_size())
         p = cfg.parallel
         self.env = init_distributed(detect_backend(cfg.device))
         init_parallel(ParallelConfig(tensor_parallel=p.tensor_parallel,
@@ -106,9 +107,6 @@ class Trainer:
                       **self.stage.model_dims())
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()
-        if cfg.global_batch_size % self.dp_size:
-            raise ValueError(f"global_batch_size={cfg.global_batch_size} micro-batches is not "
-                             f"divisible by data parallel size {self.dp_size}")
         self.microbatches_per_rank = cfg.global_batch_size // self.dp_size
         set_seed(cfg.seed)
         self.bf16 = cfg.params_dtype() == torch.bfloat16

@@ -144,7 +144,7 @@ def test_killed_save_keeps_latest(world):
 def test_config_errors_are_clear(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train_steps: 5\noptim:\n  lr: 1e-3\n  typo: 1\n")
-    with pytest.raises(ConfigError, match=r"optim\.: unknown key\(s\) \['typo'\]"):
+    with pytest.raises(ConfigError, match=r"optim\.typo: unknown key"):
         load_config(TrainConfig, path)
     with pytest.raises(ConfigError, match="train_steps: expected int"):
         load_config(TrainConfig, None, ["train_steps=ten"])

@@ -32,15 +32,24 @@ split, and zero-shot classification of the images holding a single shape into th
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
-from megatron_finevit.config.loader import from_dict
+from megatron_finevit.config.loader import ConfigError, parse_config
+from megatron_finevit.config.presets import preset_config
 from megatron_finevit.config.train import TrainConfig
-from megatron_finevit.training.stages.vision import DataSection, VisionStage, transformer_flops
+from megatron_finevit.training.dry_run import MicrobatchPhase
+from megatron_finevit.training.preflight import InputPath
+from megatron_finevit.training.stages.vision import (
+    DataSection,
+    VisionStage,
+    schedule_problems,
+    shard_paths,
+    transformer_flops,
+)
 
 
 @dataclass
@@ -62,6 +71,13 @@ class ContrastiveStageConfig:
     init_logit_bias: float = -10.0
     eval_data_dir: str | None = None          # held-out indexed shards for evaluate()
     data: DataSection = field(default_factory=DataSection)
+
+    def input_paths(self) -> list[InputPath]:
+        """What the stage reads, for ``training.preflight`` (unset paths are config problems)."""
+        return shard_paths(self.data, self.eval_data_dir) + [
+            InputPath(key, path, kind) for key, path, kind in (
+                ("stage_config.tokenizer", self.tokenizer, "file"),
+                ("stage_config.text_init_dir", self.text_init_dir, "checkpoint")) if path]
 
 
 TEXT_TOWER_GROUP = "text_tower"  # the optimiser groups of the text tower (optim.GROUP_NAME)
@@ -121,29 +137,49 @@ class ContrastiveModel(MegatronModule):
 
 class ContrastiveStage(VisionStage):
     name = "contrastive"
+    config_class = ContrastiveStageConfig
 
     def __init__(self, run: TrainConfig):
-        from megatron_finevit.config.text import text_preset
+        """Parse and check ``stage_config``: raises ``ConfigError`` listing every problem.
+        Reads no file (``input_paths`` names them for ``training.preflight``)."""
+        from megatron_finevit.config.text import TEXT_PRESETS
 
-        cfg = from_dict(ContrastiveStageConfig, run.stage_config, "stage_config.")
-        super().__init__(run, cfg)
-        from dataclasses import replace
-
-        self.contexts = [(0, cfg.context_length)] + [(int(s), int(n))
-                                                     for s, n in cfg.context_schedule]
+        problems: list[str] = []
+        cfg = parse_config(ContrastiveStageConfig, run.stage_config, "stage_config.", problems)
+        super().__init__(run, cfg, problems)
+        schedule = schedule_problems("stage_config.context_schedule", cfg.context_schedule,
+                                     "length")
+        problems += schedule
+        self.contexts = [(0, cfg.context_length)] + ([] if schedule else [
+            (s, n) for s, n in cfg.context_schedule])
         lengths = [n for _, n in self.contexts]
-        if lengths != sorted(lengths) or [s for s, _ in self.contexts] != sorted(
-                {s for s, _ in self.contexts}):
-            raise ValueError(f"stage_config.context_schedule must raise the context at increasing "
-                             f"steps, got {self.contexts}")
-        self.text = replace(text_preset(cfg.text), **cfg.text_overrides,
-                            max_position_embeddings=max(lengths))
-        self.text.validate(run.parallel.tensor_parallel)
+        if lengths != sorted(lengths):
+            problems.append(f"stage_config.context_schedule must not shorten the context, got "
+                            f"{self.contexts}")
+        self.text = preset_config(TEXT_PRESETS, cfg.text, {
+            **cfg.text_overrides, "max_position_embeddings": max(lengths)}, "stage_config.text",
+            "stage_config.text_overrides", problems)
+        if self.text is not None:
+            problems += [f"stage_config.text: {problem}"
+                         for problem in self.text.problems(run.parallel.tensor_parallel)]
         if not cfg.tokenizer:
-            raise ValueError("stage_config.tokenizer must name a SentencePiece .model file "
-                             "(tools/train_caption_tokenizer.py makes one for synthetic data)")
+            problems.append("stage_config.tokenizer must name a SentencePiece .model file "
+                            "(tools/train_caption_tokenizer.py makes one for synthetic data)")
+        if problems:
+            raise ConfigError(problems)
         self._tokenizer = None
         self.module: ContrastiveModel | None = None
+
+    def microbatch_phases(self) -> list[MicrobatchPhase]:
+        """The resolution phases, cut again where the text context changes."""
+        resolution = super().microbatch_phases()
+        starts = sorted({p.start_step for p in resolution} | {s for s, _ in self.contexts})
+        phases = []
+        for start in starts:
+            phase = [p for p in resolution if p.start_step <= start][-1]
+            phases.append(replace(phase, start_step=start, details={
+                **phase.details, "context_length": self.context_at(start)}))
+        return phases
 
     # --- text -----------------------------------------------------------------------------------
 

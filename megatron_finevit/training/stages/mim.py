@@ -24,6 +24,7 @@ and feature widths (0 for a random head, 1 when the prediction is exact up to sc
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,9 +32,10 @@ from pathlib import Path
 import torch
 from megatron.core.transformer.module import MegatronModule
 
-from megatron_finevit.config.loader import from_dict
+from megatron_finevit.config.loader import ConfigError, parse_config
 from megatron_finevit.config.train import TrainConfig
-from megatron_finevit.training.stages.vision import DataSection, VisionStage
+from megatron_finevit.training.preflight import InputPath
+from megatron_finevit.training.stages.vision import DataSection, VisionStage, shard_paths
 
 
 @dataclass
@@ -46,6 +48,11 @@ class MIMStageConfig:
     normalize_target: bool = True
     eval_data_dir: str | None = None      # held-out indexed shards for evaluate()
     data: DataSection = field(default_factory=DataSection)
+
+    def input_paths(self) -> list[InputPath]:
+        """What the stage reads, for ``training.preflight`` (unset paths are config problems)."""
+        teacher = [InputPath("stage_config.teacher_dir", self.teacher_dir, "hf_model")]
+        return shard_paths(self.data, self.eval_data_dir) + (teacher if self.teacher_dir else [])
 
 
 def teacher_feature_dim(teacher_dir: str) -> int:
@@ -89,15 +96,28 @@ class MIMModel(MegatronModule):
 
 class MIMStage(VisionStage):
     name = "mim"
+    config_class = MIMStageConfig
 
     def __init__(self, run: TrainConfig):
-        cfg = from_dict(MIMStageConfig, run.stage_config, "stage_config.")
+        """Parse and check ``stage_config``: raises ``ConfigError`` listing every problem.
+        Reads no file (``input_paths`` names them for ``training.preflight``)."""
+        problems: list[str] = []
+        cfg = parse_config(MIMStageConfig, run.stage_config, "stage_config.", problems)
         if not 0.0 < cfg.mask_ratio < 1.0:
-            raise ValueError(f"stage_config.mask_ratio={cfg.mask_ratio} must be in (0, 1)")
-        super().__init__(run, cfg)
-        self.teacher_dim = teacher_feature_dim(cfg.teacher_dir)
+            problems.append(f"stage_config.mask_ratio={cfg.mask_ratio} must be in (0, 1)")
+        if not cfg.teacher_dir:
+            problems.append("stage_config.teacher_dir must name a local DINOv3 checkpoint "
+                            "directory (tools/make_tiny_teacher.py makes a tiny random one)")
+        super().__init__(run, cfg, problems)
+        if problems:
+            raise ConfigError(problems)
         self.teacher = None
         self.cache = None
+
+    @functools.cached_property
+    def teacher_dim(self) -> int:
+        """The teacher's feature width (read from its config.json when the model is built)."""
+        return teacher_feature_dim(self.cfg.teacher_dir)
 
     def build_model(self, pre_process: bool, post_process: bool):
         if post_process:

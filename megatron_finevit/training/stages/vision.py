@@ -16,15 +16,19 @@ their weighted sum; each image attends only to itself, so the quadratic term is 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
+from megatron_finevit.config.presets import preset_config
 from megatron_finevit.config.train import TrainConfig
-from megatron_finevit.config.vit import FineViTConfig, vit_preset
+from megatron_finevit.config.vit import VIT_PRESETS, FineViTConfig
 from megatron_finevit.data.loader import PackedImageBatch, PackedImageLoader
 from megatron_finevit.data.pack_agreement import PipelineGroup
 from megatron_finevit.data.resize import DEFAULT_MIN_PIXELS, ResizePolicy
 from megatron_finevit.models.attention import cp_padded_length
+from megatron_finevit.training.dry_run import MicrobatchPhase
+from megatron_finevit.training.preflight import InputPath
 
 
 @dataclass
@@ -41,10 +45,44 @@ class DataSection:
     min_fill: float = 0.9
     decoder: str = "pil"
     use_draft: bool = False            # faster reduced-scale JPEG decode
+    # Mean ViT tokens per image, one per resolution phase (max_pixels, then each schedule entry):
+    # an estimate for `--dry-run` where data.dir has no index (with one, the index is used).
+    mean_tokens_per_sample: list[float] = field(default_factory=list)
     # Each image's cost in the pack budget is rounded up to this multiple; 0: what the encoder
     # pads it to (2·cp under context parallelism, else 1). A multiple of 2·cp; a larger one
     # keeps the packs of runs at different CP sizes identical.
     image_token_multiple: int = 0
+
+
+def schedule_problems(key: str, schedule: list, value_name: str) -> list[str]:
+    """A step schedule ``[[step, value], ...]`` must hold integer pairs at increasing steps
+    after 0 (step 0's value is the section's own setting)."""
+    if not all(isinstance(e, (list, tuple)) and len(e) == 2
+               and all(isinstance(v, int) and not isinstance(v, bool) for v in e)
+               for e in schedule):
+        return [f"{key}={schedule} must be [[step, {value_name}], ...] (integers)"]
+    steps = [0] + [step for step, _ in schedule]
+    if steps != sorted(set(steps)):
+        return [f"{key}={schedule} must list increasing steps after 0"]
+    return []
+
+
+def _data_problems(d: DataSection) -> list[str]:
+    problems = schedule_problems("stage_config.data.max_pixels_schedule", d.max_pixels_schedule,
+                                 "max_pixels")
+    phases = len(d.max_pixels_schedule) + 1
+    means = d.mean_tokens_per_sample
+    if means and (len(means) != phases or min(means) <= 0):
+        problems.append(f"stage_config.data.mean_tokens_per_sample={means} needs one positive "
+                        f"value per resolution phase ({phases})")
+    return problems
+
+
+def shard_paths(data: DataSection, eval_data_dir: str | None) -> list[InputPath]:
+    """The indexed shard directories a vision stage reads (for ``training.preflight``)."""
+    return [InputPath(key, path, "shards") for key, path in (
+        ("stage_config.data.dir", data.dir), ("stage_config.eval_data_dir", eval_data_dir))
+        if path]
 
 
 def transformer_flops(params: int, lengths: list[int], num_layers: int, hidden: int) -> float:
@@ -59,23 +97,32 @@ class VisionStage:
 
     name = "vision"
 
-    def __init__(self, run: TrainConfig, cfg):
+    def __init__(self, run: TrainConfig, cfg, problems: list[str]):
+        """Check the encoder and data settings of ``cfg`` (the subclass's parsed
+        ``stage_config``) at the run's layout, appending one line per problem to ``problems``;
+        the subclass adds its own and raises them all together. Reads no file."""
         self.run, self.cfg = run, cfg
-        self.vit: FineViTConfig = vit_preset(cfg.vit, **cfg.vit_overrides)
         p = run.parallel
-        self.vit.validate(p.tensor_parallel, p.pipeline_parallel, p.context_parallel)
-        if not cfg.data.dir:
-            raise ValueError("stage_config.data.dir must name an indexed shard directory")
+        self.vit: FineViTConfig | None = preset_config(
+            VIT_PRESETS, cfg.vit, cfg.vit_overrides, "stage_config.vit",
+            "stage_config.vit_overrides", problems)
+        if self.vit is not None:
+            problems += [f"stage_config.vit: {problem}" for problem in self.vit.problems(
+                p.tensor_parallel, p.pipeline_parallel, p.context_parallel)]
+        d = cfg.data
+        if not d.dir:
+            problems.append("stage_config.data.dir must name an indexed shard directory")
         multiple = 2 * p.context_parallel * (p.tensor_parallel if p.sequence_parallel else 1)
-        if cfg.data.pack_tokens % multiple:
-            raise ValueError(f"stage_config.data.pack_tokens={cfg.data.pack_tokens} must be a "
-                             f"multiple of {multiple} (2·cp·sp) for this layout")
+        if d.pack_tokens % multiple:
+            problems.append(f"stage_config.data.pack_tokens={d.pack_tokens} must be a multiple "
+                            f"of {multiple} (2·cp·sp) for this layout")
         padded = cp_padded_length(1, p.context_parallel)  # the padding unit of one image
-        if cfg.data.image_token_multiple < 0 or cfg.data.image_token_multiple % padded:
-            raise ValueError(f"stage_config.data.image_token_multiple="
-                             f"{cfg.data.image_token_multiple} must be 0 or a multiple of "
-                             f"{padded} (2·cp: the encoder pads every image to it)")
-        self.image_token_multiple = cfg.data.image_token_multiple or padded
+        if d.image_token_multiple < 0 or d.image_token_multiple % padded:
+            problems.append(f"stage_config.data.image_token_multiple={d.image_token_multiple} "
+                            f"must be 0 or a multiple of {padded} (2·cp: the encoder pads every "
+                            "image to it)")
+        self.image_token_multiple = d.image_token_multiple or padded
+        problems += _data_problems(d)
         self.step = 0
         self.loader: PackedImageLoader | None = None
 
@@ -103,6 +150,32 @@ class VisionStage:
         schedule = [(0, d.max_pixels)] + [(int(s), int(m)) for s, m in d.max_pixels_schedule]
         return [(step, ResizePolicy(min_pixels=d.min_pixels, max_pixels=pixels))
                 for step, pixels in schedule]
+
+    def microbatch_phases(self) -> list[MicrobatchPhase]:
+        """Images per pack in each resolution phase, estimated for ``--dry-run``:
+        ``pack_tokens · min_fill`` (the packer emits packs at least that full, so this leans
+        low) over the mean image tokens — from the index of ``data.dir`` under the phase's
+        policy when it is here, else ``data.mean_tokens_per_sample``, else the largest image
+        the phase allows (then the images per pack are a lower bound)."""
+        from megatron_finevit.data.index import INDEX_NAME, load_index
+        from megatron_finevit.data.loader import policy_sizes
+
+        d = self.cfg.data
+        index = load_index(d.dir) if d.dir and (Path(d.dir) / INDEX_NAME).is_dir() else None
+        phases = []
+        for number, (start, policy) in enumerate(self.phases()):
+            sizes = policy_sizes(index, policy, d.pack_tokens + 1) if index is not None else None
+            packable = sizes[sizes <= d.pack_tokens] if sizes is not None else []
+            if len(packable):
+                mean, source = float(packable.mean()), "index"
+            elif d.mean_tokens_per_sample:
+                mean, source = d.mean_tokens_per_sample[number], "config"
+            else:
+                mean, source = policy.max_pixels // policy.patch_size ** 2, "max_pixels"
+            phases.append(MicrobatchPhase(start, d.pack_tokens * d.min_fill / mean, {
+                "max_pixels": policy.max_pixels, "mean_tokens_per_sample": round(mean, 1),
+                "samples_estimate": source, "pack_fill": d.min_fill}))
+        return phases
 
     def make_loader(self, data_dir: str, dp_rank: int, dp_size: int, decode_pixels: bool,
                     mask_ratio: float | None = None, seed: int | None = None) -> PackedImageLoader:
