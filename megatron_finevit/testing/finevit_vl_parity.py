@@ -369,8 +369,9 @@ def _isolation_diffs(got: list[tuple], alone: list[tuple]) -> dict:
 def packing_isolation(config) -> dict:
     """Single rank, fp32: ``ISOLATION_SAMPLES`` (one image of a different size each) run alone
     (unpacked) against the same samples packed — tight (``packed``), with a random masked text
-    tail and a padding segment after the image patches (``padded``) and, as a check that the comparison can fail, as one plain causal row with no
-    segments (``unsegmented``: later samples see earlier ones). Returns each one's
+    tail and a padding segment after the image patches (``padded``) and, as a check that the
+    comparison can fail, as one plain causal row with no segments (``unsegmented``: later
+    samples see earlier ones). Returns each one's
     ``_isolation_diffs`` and ``grad_scale``, the smallest max |gradient| of any parameter alone."""
     model = build_model(config, Layout())
     perturb_norms(model)

@@ -94,8 +94,8 @@ def sharded_keys_world(rank: int, world_size: int) -> dict:
                 continue
             # the gated fc1 is a ShardedTensorFactory around a ShardedTensor of the same key
             tensor = entry if isinstance(entry, ShardedTensor) else entry.data
-            layered = entry.key.startswith("decoder.layers.")
-            layer = tensor.global_offset[0] if layered and isinstance(entry, ShardedTensor) else None
+            stacked = entry.key.startswith("decoder.layers.") and isinstance(entry, ShardedTensor)
+            layer = tensor.global_offset[0] if stacked else None
             tensors.append((entry.key, layer))
         report[name] = {"tensors": tensors, "objects": objects}
     return report
