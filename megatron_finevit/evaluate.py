@@ -22,6 +22,7 @@ from pathlib import Path
 from megatron_finevit.config.errors import ConfigError, UserError, report_user_error
 from megatron_finevit.config.loader import config_from_data, load_config_collecting
 from megatron_finevit.config.train import TrainConfig
+from megatron_finevit.logs import quiet_third_party_logs
 
 TASK_KEYS = {"retrieval": ("i2t", "t2i", "chance_r1", "num_images"),
              "zero_shot": ("zero_shot",), "mim": ("mim_", "masked_tokens", "num_images")}
@@ -29,7 +30,8 @@ TASK_KEYS = {"retrieval": ("i2t", "t2i", "chance_r1", "num_images"),
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m megatron_finevit.evaluate",
-                                     description=__doc__.splitlines()[0])
+                                     description="Evaluate a Stage I (MIM) or Stage II "
+                                     "(contrastive) checkpoint on an indexed shard directory.")
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory (with `latest`)")
     parser.add_argument("--data", required=True, help="indexed shard directory to evaluate on")
     parser.add_argument("--task", choices=("retrieval", "zero_shot", "mim", "all"), default="all",
@@ -87,7 +89,9 @@ def evaluation_config(args) -> TrainConfig:
     cfg.optim.warmup_steps = 0
     cfg.parallel.tensor_parallel = cfg.parallel.pipeline_parallel = 1
     cfg.parallel.context_parallel, cfg.parallel.sequence_parallel = 1, False
+    # evaluation saves nothing: a training run's save_interval must not ask for a checkpoint.dir
     cfg.checkpoint.dir, cfg.checkpoint.load_dir = None, args.checkpoint
+    cfg.checkpoint.save_interval = 0
     cfg.checkpoint.save_on_signal = False
     cfg.eval.at_start = cfg.eval.at_end = False
     cfg.logging.tensorboard_dir, cfg.logging.progress_bar = None, False
@@ -131,6 +135,7 @@ def format_table(results: dict[str, float]) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    quiet_third_party_logs()
     try:
         cfg = evaluation_config(args)
         import torch.distributed as dist
