@@ -3,7 +3,10 @@ resharding, signals, non-finite-loss skipping) without the cost of the real stag
 
 The model is the tiny Qwen3-like GPT of ``testing/gpt_parity``; the data is a learnable token
 sequence (t[i+1] = 5·t[i] + 3 mod vocab) drawn from a per-DP-rank generator whose state is the
-data loader's resumable position.
+data loader's resumable position. Two options make a resume harder to get right: ``dropout``
+(the forward draws from torch's RNG and megatron's tracker, so a resume must restore both) and
+``param_groups`` (named optimiser groups with their own learning rate or frozen for a while, as a
+Stage III's ViT / projector / LLM groups).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 
 from megatron_finevit.config.loader import from_dict
 from megatron_finevit.config.train import TrainConfig
-from megatron_finevit.testing.gpt_parity import RunConfig, build_gpt_module, tiny_qwen3_config
+from megatron_finevit.testing.gpt_parity import RunConfig, tiny_qwen3
 
 
 def learnable_batch(seq_length: int, batch: int, vocab: int, generator: torch.Generator):
@@ -42,6 +45,26 @@ def wait_at_gate(gate: str, timeout_s: float = 300.0) -> None:
         time.sleep(0.05)
 
 
+def instrument_steps(trainer, signal_at_step: int | None = None) -> list:
+    """Wrap ``trainer.stage.on_step`` (any stage): after it, append the optimiser's
+    ``group_settings`` (the learning rates the step will use, frozen groups at 0) to the returned
+    list; at ``signal_at_step`` rank 0 also sends itself SIGUSR1, a pre-emption the trainer acts on
+    after that step."""
+    from megatron_finevit.training.optim import group_settings
+    from megatron_finevit.training.trainer import _unwrap
+
+    records, on_step = [], trainer.stage.on_step
+
+    def instrumented_on_step(step, model_chunks, optimizer):
+        on_step(step, model_chunks, optimizer)
+        records.append(group_settings(optimizer, _unwrap(model_chunks[0])))
+        if step == signal_at_step and torch.distributed.get_rank() == 0:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    trainer.stage.on_step = instrumented_on_step
+    return records
+
+
 @dataclass
 class ToyLMConfig:
     num_layers: int = 2
@@ -52,6 +75,10 @@ class ToyLMConfig:
     signal_at_step: int | None = None  # rank 0 sends itself SIGUSR1 before this step (pre-emption)
     step_sleep_s: float = 0.0  # slow each step down, so an outside signal lands mid-run (Slurm test)
     build_gate: str | None = None  # build_model waits for this file (a signal lands mid-build)
+    dropout: float = 0.0  # hidden and attention dropout (training draws random numbers)
+    # named optimiser groups: {name: {"params": glob over parameter names, optional "max_lr",
+    # optional "frozen_before": the group's lr is 0 before that step}}
+    param_groups: dict = field(default_factory=dict)
 
 
 class ToyBatches:
@@ -98,12 +125,18 @@ class ToyLMStage:
         return {"num_attention_heads": 4, "num_query_groups": 2, "num_layers": self.cfg.num_layers}
 
     def transformer_config(self):
-        return tiny_qwen3_config(self.gpt)
+        g, d = self.gpt, self.cfg.dropout
+        return tiny_qwen3(g).to_transformer_config(
+            g.tp, g.pp, sequence_parallel=g.sequence_parallel, params_dtype=g.params_dtype,
+            hidden_dropout=d, attention_dropout=d)
 
     def build_model(self, pre_process: bool, post_process: bool):
         if self.cfg.build_gate:
             wait_at_gate(self.cfg.build_gate)
-        return build_gpt_module(self.gpt, pre_process, post_process)
+        from megatron_finevit.models.llm import build_qwen3
+
+        return build_qwen3(tiny_qwen3(self.gpt), self.transformer_config(),
+                           pre_process=pre_process, post_process=post_process)
 
     def build_data(self, dp_rank: int, dp_size: int) -> ToyBatches:
         return ToyBatches(self.cfg, self.run.seed, dp_rank)
@@ -130,7 +163,7 @@ class ToyLMStage:
         """Samples, tokens and forward+backward FLOPs (6 x parameters per token, plus the
         attention score and value matmuls)."""
         b, s = batch["tokens"].shape
-        c = tiny_qwen3_config(self.gpt)
+        c = self.transformer_config()
         kv = c.num_query_groups * c.kv_channels
         per_layer = c.hidden_size * (c.hidden_size + 2 * kv) + c.hidden_size ** 2 \
             + 3 * c.hidden_size * c.ffn_hidden_size
@@ -139,10 +172,23 @@ class ToyLMStage:
         return b, b * s, 6.0 * b * s * params + 3.0 * b * s * attention
 
     def optimizer_overrides(self) -> dict:
-        return {}
+        from megatron.core.optimizer import ParamKey
+
+        from megatron_finevit.training.optim import named_overrides
+
+        return named_overrides(self.run, {
+            name: (ParamKey(name=group["params"]),
+                   {"max_lr": group["max_lr"]} if "max_lr" in group else {})
+            for name, group in self.cfg.param_groups.items()})
 
     def on_step(self, step: int, model_chunks: list, optimizer) -> None:
+        from megatron_finevit.training.optim import groups_named
+
         self.step = step
+        for name, group in self.cfg.param_groups.items():
+            if step < group.get("frozen_before", 0):
+                for param_group in groups_named(optimizer, name):
+                    param_group["lr"] = 0.0
         if self.cfg.step_sleep_s:
             time.sleep(self.cfg.step_sleep_s)
         if step == self.cfg.signal_at_step and torch.distributed.get_rank() == 0:

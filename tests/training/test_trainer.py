@@ -1,5 +1,7 @@
-"""The training loop: exact resume after pre-emption, loading at another parallel layout, atomic
-checkpoints, non-finite-loss skipping, config errors."""
+"""The training loop: exact resume after pre-emption (with dropout drawing random numbers and
+named optimiser groups, one frozen across the resume point), loading at another parallel layout
+(one more step there equals the saving layout's), atomic checkpoints, non-finite-loss skipping,
+config errors."""
 
 from pathlib import Path
 
@@ -9,6 +11,12 @@ import torch
 from megatron_finevit.config.loader import ConfigError, load_config
 from megatron_finevit.config.train import TrainConfig
 from megatron_finevit.testing.multirank import run_world
+
+# Named groups as a Stage III has them: one with its own peak lr, one equal to the default group
+# in every setting megatron matches saved groups by, frozen until after the resume point.
+GROUPS = {"embedding": {"params": "*embedding*", "max_lr": 6e-3},
+          "first_layer": {"params": "*decoder.layers.0.*", "frozen_before": 6}}
+HARD = {"dropout": 0.1, "param_groups": GROUPS}  # the resume scenario's stage options
 
 
 def _cfg(ckpt=None, steps=8, tp=1, **stage):
@@ -36,26 +44,86 @@ def _fixed_batch_loss(trainer) -> float:
     return out.float().mean().item()
 
 
+def _dropout_is_active(trainer) -> bool:
+    """Two training-mode forwards of one batch differ (dropout draws random numbers)."""
+    from megatron_finevit.testing.toy_stage import learnable_batch
+
+    tokens, labels = learnable_batch(16, 2, 128, torch.Generator().manual_seed(5))
+    positions = torch.arange(16).unsqueeze(0).expand_as(tokens)
+    with torch.no_grad():
+        a, b = (trainer.model[0](tokens, positions, None, labels=labels) for _ in range(2))
+    return not torch.equal(a, b)
+
+
+def _fixed_step(trainer, dp_rank: int, dp_size: int) -> dict:
+    """One more optimiser step on 4 fixed micro-batches (this DP rank's share): its metrics and
+    ``moved``, the largest change of a weight."""
+    from megatron_finevit.testing.toy_stage import learnable_batch
+
+    batches = [learnable_batch(16, 2, 128, torch.Generator().manual_seed(500 + i))
+               for i in range(4)]
+    share = 4 // dp_size
+    trainer.model[0].train()
+    trainer.data = iter({"tokens": t, "labels": l}
+                        for t, l in batches[dp_rank * share:(dp_rank + 1) * share])
+    before = [p.detach().clone() for p in trainer.model[0].parameters()]
+    metrics = trainer.train_step()
+    metrics["moved"] = max((p.detach() - b).abs().max().item()
+                           for p, b in zip(trainer.model[0].parameters(), before))
+    return metrics
+
+
+def _reshard_world(tmp: Path) -> dict:
+    """A TP=2 run saved after 3 of 6 steps and loaded at TP=1 x DP=2: the same model, and one
+    more step on the same data gives the same loss, grad norm and weights at both layouts."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_finevit.testing.gpt_parity import global_name, step_diffs
+    from megatron_finevit.training.trainer import Trainer, _unwrap
+
+    t_tp2 = Trainer(_cfg(tmp / "c", steps=6, tp=2))
+    for _ in range(3):
+        t_tp2.train_step()
+    t_tp2.save()
+    loss_tp2 = _fixed_batch_loss(t_tp2)
+    tp2_rank = ps.get_tensor_model_parallel_rank()
+    step_tp2 = _fixed_step(t_tp2, 0, 1)
+    t_tp1 = Trainer(_cfg(tmp / "c", steps=6, tp=1))
+    out = {"tp2": loss_tp2, "tp1": _fixed_batch_loss(t_tp1), "step": t_tp1.state.step}
+    step_tp1 = _fixed_step(t_tp1, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
+    tp1 = _unwrap(t_tp1.model[0])
+    oracle = {"loss": step_tp1["loss"], "grad_norm": step_tp1["grad_norm"],
+              "weights": {global_name(tp1, n): p.detach() for n, p in tp1.named_parameters()}}
+    diffs = step_diffs(_unwrap(t_tp2.model[0]), step_tp2["loss"], step_tp2["grad_norm"], {},
+                       oracle, tp=2, tp_rank=tp2_rank, check_grads=False)
+    out["extra_step"] = {**diffs, "num_params": len(diffs.pop("params")),
+                         "lr": step_tp1["lr"], "moved": step_tp1["moved"]}
+    return out
+
+
 def trainer_world(rank, world_size, tmp):
     from megatron.core import dist_checkpointing
 
+    from megatron_finevit.testing.toy_stage import instrument_steps
     from megatron_finevit.training.trainer import TooManyBadSteps, Trainer
 
     tmp = Path(tmp)
     out = {}
-    # A: uninterrupted, DP=2 + distributed optimizer, warm-up + cosine
-    out["uninterrupted"] = Trainer(_cfg()).train()["losses"]
-    # B: pre-empted by SIGUSR1 (sent to rank 0 only) before step 4, then resumed
-    first = Trainer(_cfg(tmp / "b", signal_at_step=4)).train()
-    second = Trainer(_cfg(tmp / "b")).train()
-    out["preempted"] = {"first": first, "second": second,
+    # A: uninterrupted, DP=2 + distributed optimizer, warm-up + cosine, dropout, named groups
+    uninterrupted = Trainer(_cfg(**HARD))
+    out["groups"] = instrument_steps(uninterrupted)
+    out["uninterrupted"] = uninterrupted.train()["losses"]
+    out["dropout_active"] = _dropout_is_active(uninterrupted)  # after: it draws random numbers
+    # B: pre-empted by SIGUSR1 (sent to rank 0 only) before step 4, then resumed at step 5:
+    # dropout's random streams and the frozen group's settings must come back
+    first = Trainer(_cfg(tmp / "b", signal_at_step=4, **HARD)).train()
+    resumed = Trainer(_cfg(tmp / "b", **HARD))
+    resumed_groups = instrument_steps(resumed)
+    second = resumed.train()
+    out["preempted"] = {"first": first, "second": second, "groups": resumed_groups,
                         "latest": (tmp / "b" / "latest").read_text() if rank == 0 else None}
-    # C: TP=2 run saved, then loaded at TP=1 x DP=2
-    t_tp2 = Trainer(_cfg(tmp / "c", steps=3, tp=2))
-    t_tp2.train()
-    loss_tp2 = _fixed_batch_loss(t_tp2)
-    t_tp1 = Trainer(_cfg(tmp / "c", steps=3, tp=1))
-    out["reshard"] = {"tp2": loss_tp2, "tp1": _fixed_batch_loss(t_tp1), "step": t_tp1.state.step}
+    # C: TP=2 run saved, then loaded at TP=1 x DP=2 and stepped once more
+    out["reshard"] = _reshard_world(tmp)
     # D: a non-finite loss skips the step; past max_bad_steps the run aborts
     skipped = Trainer(_cfg(steps=3, nan_loss_steps=[1])).train()
     cfg = _cfg(steps=3, nan_loss_steps=[0])
@@ -106,6 +174,7 @@ def world(tmp_path_factory):
 def test_loss_falls(world):
     losses = world[1]["uninterrupted"]
     assert len(losses) == 8 and losses[-1] < losses[0] - 0.5
+    assert world[0]["dropout_active"] and world[1]["dropout_active"]
 
 
 def test_preempted_run_resumes_exactly(world):
@@ -118,11 +187,36 @@ def test_preempted_run_resumes_exactly(world):
     assert world[0]["preempted"]["latest"] == "iter_0000008"
 
 
+def test_resumed_groups_equal_uninterrupted(world):
+    """After the load, before and after the frozen group's unfreeze at step 6, every group holds
+    the uninterrupted run's parameters, lr, weight decay and scheduler keys."""
+    for rank in (0, 1):
+        uninterrupted, resumed = world[rank]["groups"], world[rank]["preempted"]["groups"]
+        assert len(resumed) == 3 and resumed == uninterrupted[5:]  # steps 5, 6, 7
+    # Each rank updates its shard of the parameters (distributed optimizer): look at both.
+    step5, step6 = ([g for rank in (0, 1) for g in world[rank]["preempted"]["groups"][i]
+                     if g["members"]] for i in (0, 1))
+    lr5 = {g["name"]: g["lr"] for g in step5}
+    assert set(lr5) == {None, "embedding", "first_layer"}
+    assert lr5["first_layer"] == 0.0  # still frozen at step 5
+    assert lr5["embedding"] > lr5[None] > 0.0  # its own peak lr
+    assert all(g["lr"] > 0.0 for g in step6)  # unfrozen at step 6
+    assert all(".layers.0." in n for g in step5 if g["name"] == "first_layer"
+               for n in g["members"])
+    assert not any(".layers.0." in n for g in step5 if g["name"] != "first_layer"
+                   for n in g["members"])
+
+
 def test_tp2_checkpoint_loads_at_tp1_dp2(world):
     for rank in (0, 1):
         r = world[rank]["reshard"]
         assert r["step"] == 3
         assert abs(r["tp2"] - r["tp1"]) <= 1e-5, r
+        # one more step at both layouts: optimiser state and schedule came back
+        e = r["extra_step"]
+        assert e["num_params"] > 0 and e["lr"] > 0.0 and e["moved"] > 1e-4, e
+        assert e["grad_norm"] <= 1e-5 and e["weight"] <= 1e-5, e
+        assert e.get("loss", 0.0) <= 1e-5, e
 
 
 def test_nonfinite_loss_is_skipped_and_counted(world):
