@@ -17,22 +17,11 @@ import argparse
 import logging
 import sys
 
-import warnings
+from megatron_finevit.logs import quiet_third_party_logs
 from megatron_finevit.training.preemption import install_process_handler  # no torch: cheap
 
 
 EXIT_STOPPED_BY_SIGNAL = 3
-
-
-def quiet_third_party_logs() -> None:
-    """megatron-core logs every parameter of every bucket at INFO, and warns at import about the
-    missing Apex/TransformerEngine fused kernels (expected on CPU): keep the run log readable."""
-    logging.getLogger("megatron").setLevel(logging.WARNING)
-    for message in (".*Apex is not installed.*", ".*Transformer Engine and Apex are not installed.*",
-                    ".*Please use DTensor instead.*", ".*argument order of load has been changed.*",
-                    ".*torch.distributed is disabled.*",
-                    ".*is deprecated. Please use `torch.distributed.*"):
-        warnings.filterwarnings("ignore", message=message)
 
 
 def parse_args(argv=None):

@@ -16,11 +16,13 @@ import io
 import itertools
 import logging
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from PIL import Image
+from tqdm import tqdm
 
 from megatron_finevit.data.decode_dali import DaliDecoder
 from megatron_finevit.data.decode_pil import iter_decoded
@@ -28,6 +30,7 @@ from megatron_finevit.data.index import build_index
 from megatron_finevit.data.resize import ResizePolicy
 from megatron_finevit.data.shards import ShardWriter, list_shards
 from megatron_finevit.data.synthetic import make_sample
+from megatron_finevit.logs import quiet_third_party_logs
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "retina",
           "immunohistochemistry")
@@ -46,7 +49,7 @@ def real_photos() -> list[Image.Image]:
 def write_bench_shards(out_dir: Path, num_images: int) -> None:
     photos = real_photos()
     with ShardWriter(out_dir, prefix="bench", max_samples_per_shard=64) as writer:
-        for i in range(num_images):
+        for i in tqdm(range(num_images), desc="writing shards", unit="img"):
             if i % 2:
                 image_bytes, meta = make_sample(seed=123, index=i)
             else:
@@ -67,19 +70,22 @@ def time_epoch(run) -> tuple[float, int]:
 def main(argv=None) -> float:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small run (< 1 minute)")
-    parser.add_argument("--num-images", type=int, default=None)
-    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--num-images", type=int, default=None,
+                        help="images in the benchmark shards (default 320, 80 with --quick)")
+    parser.add_argument("--reps", type=int, default=None,
+                        help="timed epochs per decoder (default 5, 3 with --quick)")
     parser.add_argument("--threads", type=int, default=2, help="DALI CPU threads")
     args = parser.parse_args(argv)
     num_images = args.num_images or (80 if args.quick else 320)
     reps = args.reps or (3 if args.quick else 5)
     logging.basicConfig(level=logging.WARNING)
+    quiet_third_party_logs()
     policy = ResizePolicy()  # Stage III budget: within 1000×1000
 
     with tempfile.TemporaryDirectory() as tmp:
         shard_dir = Path(tmp)
         write_bench_shards(shard_dir, num_images)
-        build_index(shard_dir, policy, progress=False)
+        build_index(shard_dir, policy)
         shards = list_shards(shard_dir)
         dali = DaliDecoder(shard_dir, policy, batch_size=16, num_threads=args.threads,
                            device="cpu")
@@ -90,10 +96,14 @@ def main(argv=None) -> float:
         def run_dali() -> int:
             return sum(len(batch) for batch in dali)
 
+        print("warm-up: one epoch of each decoder", file=sys.stderr, flush=True)
         run_dali(), run_pil()  # warm-up: page cache, DALI buffers, allocator
         rates = {"pil": [], "dali": []}
         decoders = (("pil", run_pil), ("dali", run_dali))
-        for _, (name, run) in itertools.product(range(reps), decoders):
+        timed = tqdm(list(itertools.product(range(reps), decoders)), desc="timed epochs",
+                     unit="epoch")
+        for _, (name, run) in timed:
+            timed.set_postfix(decoder=name)
             seconds, count = time_epoch(run)
             assert count == num_images, (name, count)
             rates[name].append(count / seconds)

@@ -21,6 +21,7 @@ import logging
 import sys
 
 from megatron_finevit.convert.registry import CONVERTERS
+from megatron_finevit.logs import quiet_third_party_logs
 
 
 # Where each model's presets live, for --preset: (module, lookup function).
@@ -52,35 +53,41 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model", required=True, choices=sorted(CONVERTERS))
+    common.add_argument("--model", required=True, choices=sorted(CONVERTERS),
+                        help="which model's name mapping to convert with")
     common.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                         help="output dtype (default: the input's)")
     common.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    common.add_argument("--no-progress", action="store_true")
+    common.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     to_mcore = sub.add_parser("hf-to-mcore", parents=[common],
                               help="HF directory -> megatron dist checkpoint")
-    to_mcore.add_argument("--hf-dir", required=True)
-    to_mcore.add_argument("--mcore-dir", required=True)
+    to_mcore.add_argument("--hf-dir", required=True,
+                          help="input: HF directory (config.json + safetensors)")
+    to_mcore.add_argument("--mcore-dir", required=True,
+                          help="output: megatron checkpoint directory (+ model_config.json)")
     to_mcore.add_argument("--tp", type=int, default=1, help="tensor-parallel size to validate for")
     to_mcore.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to validate for")
 
     to_hf = sub.add_parser("mcore-to-hf", parents=[common],
                            help="megatron dist checkpoint -> HF directory")
-    to_hf.add_argument("--mcore-dir", required=True)
-    to_hf.add_argument("--hf-dir", required=True)
+    to_hf.add_argument("--mcore-dir", required=True,
+                       help="input: megatron checkpoint directory (e.g. a trainer's iter_N)")
+    to_hf.add_argument("--hf-dir", required=True,
+                       help="output: HF directory (config.json + safetensors)")
     to_hf.add_argument("--tokenizer-dir", help="copy tokenizer files from this directory")
     to_hf.add_argument("--preset", help="model preset, e.g. qwen3_8b or finevit_vl_8b (for "
                                         "checkpoints without model_config.json)")
     to_hf.add_argument("--config", help="model config JSON, as written in model_config.json's "
                                         '"config" (for checkpoints without model_config.json)')
-    to_hf.add_argument("--max-shard-gb", type=float, default=4.0, help="safetensors shard size")
+    to_hf.add_argument("--max-shard-gb", type=float, default=4.0, help="safetensors shard size in GB (default 4)")
     to_hf.add_argument("--megatron-prefix", default="",
                        help='key prefix of the model inside the checkpoint, e.g. "encoder." for '
                             "the FineViT of a Stage I/II trainer checkpoint")
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    quiet_third_party_logs()
     from megatron_finevit.convert.pipeline import hf_to_megatron, megatron_to_hf, parse_dtype
 
     try:

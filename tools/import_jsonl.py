@@ -20,9 +20,13 @@ def main(argv=None) -> None:
                         help="folder the manifest's image paths are relative to")
     parser.add_argument("--manifest", required=True, help="JSONL file, one sample per line")
     parser.add_argument("--out", required=True, help="output shard directory")
-    parser.add_argument("--prefix", default="imported")
-    parser.add_argument("--samples-per-shard", type=int, default=1000)
-    parser.add_argument("--max-bad-fraction", type=float, default=0.05)
+    parser.add_argument("--prefix", default="imported",
+                        help="shard names: PREFIX-NNNNNN.tar (default imported)")
+    parser.add_argument("--samples-per-shard", type=int, default=1000,
+                        help="samples per tar shard (default 1000)")
+    parser.add_argument("--max-bad-fraction", type=float, default=0.05,
+                        help="abort when more than this fraction of samples is unusable "
+                             "(default 0.05)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     counter = BadSampleCounter(max_bad_fraction=args.max_bad_fraction, name="import_jsonl")

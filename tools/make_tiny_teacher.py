@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from megatron_finevit.logs import quiet_third_party_logs
+
 
 def make_tiny_teacher(out_dir: str | Path, hidden: int = 64, layers: int = 2, heads: int = 4,
                       seed: int = 0) -> Path:
@@ -31,12 +33,13 @@ def make_tiny_teacher(out_dir: str | Path, hidden: int = 64, layers: int = 2, he
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir")
-    parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("out_dir", help="directory for config.json + model.safetensors")
+    parser.add_argument("--hidden", type=int, default=64, help="width (default 64)")
+    parser.add_argument("--layers", type=int, default=2, help="transformer layers (default 2)")
+    parser.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
+    parser.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
     args = parser.parse_args(argv)
+    quiet_third_party_logs()
     path = make_tiny_teacher(args.out_dir, args.hidden, args.layers, args.heads, args.seed)
     print(f"tiny random DINOv3 teacher written to {path}")
 

@@ -14,7 +14,8 @@ import argparse
 import os
 import socket
 import sys
-import warnings
+
+from megatron_finevit.logs import quiet_third_party_logs
 
 
 def _free_port() -> str:
@@ -25,10 +26,10 @@ def _free_port() -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("preset", help="finevit_0p86b, tiny_vit or small_vit")
+    parser.add_argument("preset", help="FineViT preset: finevit_0p86b, tiny_vit or small_vit")
     parser.add_argument("--all-layers", action="store_true", help="list every layer's tensors")
     args = parser.parse_args()
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
+    quiet_third_party_logs()
 
     import torch
 

@@ -16,21 +16,26 @@ import logging
 import torch.distributed as dist
 
 from megatron_finevit.config.train import OptimSection, ParallelSection, TrainConfig
+from megatron_finevit.logs import quiet_third_party_logs
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tp", type=int, default=1)
-    parser.add_argument("--pp", type=int, default=1)
-    parser.add_argument("--sequence-parallel", action="store_true")
-    parser.add_argument("--distributed-optimizer", action="store_true")
-    parser.add_argument("--steps", type=int, default=30)
+    parser = argparse.ArgumentParser(description=(
+        "Train a tiny Qwen3-like GPT through the real training loop at the given parallel "
+        "layout (the rest of the world is data parallel); exit non-zero unless the loss halves."))
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    parser.add_argument("--sequence-parallel", action="store_true", help="with --tp > 1")
+    parser.add_argument("--distributed-optimizer", action="store_true",
+                        help="shard the optimizer state over the data-parallel ranks")
+    parser.add_argument("--steps", type=int, default=30, help="optimizer steps (default 30)")
     parser.add_argument("--global-batch-size", type=int, default=4, help="micro-batches per step")
-    parser.add_argument("--micro-batch-size", type=int, default=4)
-    parser.add_argument("--seq-length", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--micro-batch-size", type=int, default=4, help="sequences per micro-batch")
+    parser.add_argument("--seq-length", type=int, default=64, help="tokens per sequence")
+    parser.add_argument("--lr", type=float, default=3e-3, help="constant learning rate")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    quiet_third_party_logs()
 
     from megatron_finevit.training.trainer import Trainer
 

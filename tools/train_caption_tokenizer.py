@@ -37,9 +37,10 @@ def train_caption_tokenizer(shard_dir: str | Path, out_file: str | Path,
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("shard_dir")
-    parser.add_argument("out_file")
-    parser.add_argument("--vocab-size", type=int, default=200)
+    parser.add_argument("shard_dir", help="indexed shard directory whose captions to read")
+    parser.add_argument("out_file", help="SentencePiece model file to write (e.g. tok.model)")
+    parser.add_argument("--vocab-size", type=int, default=200,
+                        help="pieces, at most the text tower's vocab_size (default 200)")
     args = parser.parse_args(argv)
     path = train_caption_tokenizer(args.shard_dir, args.out_file, args.vocab_size)
     print(f"SentencePiece model written to {path}")

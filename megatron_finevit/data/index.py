@@ -170,7 +170,8 @@ def build_index(shard_dir: str | os.PathLike, policy: ResizePolicy = ResizePolic
     new_paths = [p for p in shard_paths if p.name not in known]
     (shard_dir / DALI_INDEX_DIR).mkdir(exist_ok=True)
     added = 0
-    for path in tqdm(new_paths, desc="indexing shards", unit="shard", disable=not progress):
+    for path in tqdm(new_paths, desc="indexing shards", unit="shard",
+                     disable=not progress or not new_paths):
         fingerprint = shard_fingerprint(path)  # before reading: a concurrent rewrite looks stale
         rows, dali_lines = _scan_shard(path, len(records), policy, token_counter,
                                        max_decode_pixels, counter)
@@ -180,8 +181,12 @@ def build_index(shard_dir: str | os.PathLike, policy: ResizePolicy = ResizePolic
         records.append({**fingerprint, "num_samples": len(dali_lines)})
         group.attrs["shards"] = records  # after the rows: an interrupted build reads as stale
         added += len(dali_lines)
-    logger.info("index %s: %d shards read, %d samples added, %d samples total; %s", index_path,
-                len(new_paths), added, group["key"].shape[0], counter.summary())
+    if new_paths:
+        logger.info("index %s: %d shards read, %d samples added, %d samples total; %s",
+                    index_path, len(new_paths), added, group["key"].shape[0], counter.summary())
+    else:  # the counter's "0 good samples" would read as if the data were bad
+        logger.info("index %s is up to date: 0 new samples, %d samples total", index_path,
+                    group["key"].shape[0])
     return {"shards_read": [p.name for p in new_paths], "samples_added": added,
             "rebuilt": rebuilt}
 
