@@ -42,8 +42,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     # first of all: from here on SIGTERM/SIGUSR1 are recorded, never fatal (training/preemption.py)
-    install_process_handler()
-    from megatron_finevit.config.errors import UserError, report_user_error
+    handler = install_process_handler()
+    from megatron_finevit.config.errors import UserError, launcher_rank, report_user_error
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -62,9 +62,27 @@ def main(argv=None) -> int:
         result = build_trainer(cfg).train()
     except UserError as exc:
         # every rank validated the same config and exits 2; only global rank 0 prints
-        return report_user_error(exc)
+        code = report_user_error(exc)
+        if launcher_rank() != 0:
+            let_rank_0_report(handler)
+        return code
     # 3: stopped on SIGTERM/SIGUSR1 (slurm/launch.sh requeues on the trainer's marker)
     return EXIT_STOPPED_BY_SIGNAL if result["stopped_by_signal"] else 0
+
+
+def let_rank_0_report(handler, grace_s: float = 15.0) -> None:
+    """On a quiet rank, wait (at most ``grace_s``) for the launcher to stop us before exiting 2.
+
+    torchrun and ``srun --kill-on-bad-exit`` stop every worker as soon as one fails: a quiet rank
+    that finished validating first would get rank 0 killed before it printed the problems, and
+    the user would see nothing. Rank 0 exits right after printing; the launcher's SIGTERM then
+    ends this wait at once (the process handler records it)."""
+    import time
+
+    logging.disable(logging.CRITICAL)  # quiet ranks stay quiet, the handler's notice included
+    deadline = time.monotonic() + grace_s
+    while handler.received is None and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def checked_config(args, world_size: int):
