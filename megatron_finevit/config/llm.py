@@ -72,6 +72,15 @@ class Qwen3Config(DictConfig):
     def validate(self, tensor_parallel: int = 1, pipeline_parallel: int = 1,
                  context_parallel: int = 1) -> None:
         """Raise ValueError listing every inconsistency, before any tensor is allocated."""
+        problems = self.problems(tensor_parallel, pipeline_parallel, context_parallel)
+        if problems:
+            raise ValueError("invalid Qwen3 config: " + "; ".join(problems))
+        require_spec_backend(self)
+
+    def problems(self, tensor_parallel: int = 1, pipeline_parallel: int = 1,
+                 context_parallel: int = 1) -> list[str]:
+        """One line per inconsistency of these shapes at this parallel layout (whether this
+        machine has TransformerEngine for ``spec_backend='te'`` is ``validate``'s business)."""
         problems = nonpositive_fields(self)
         if self.num_attention_heads % self.num_query_groups:
             problems.append(f"num_query_groups={self.num_query_groups} does not divide "
@@ -88,9 +97,7 @@ class Qwen3Config(DictConfig):
         if context_parallel < 1:
             problems.append(f"context_parallel={context_parallel} must be >= 1")
         problems += spec_backend_problems(self)
-        if problems:
-            raise ValueError("invalid Qwen3 config: " + "; ".join(problems))
-        require_spec_backend(self)
+        return problems
 
     def to_transformer_config(self, tensor_parallel: int = 1, pipeline_parallel: int = 1,
                               context_parallel: int = 1, sequence_parallel: bool = False,

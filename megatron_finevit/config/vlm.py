@@ -56,8 +56,19 @@ class FineViTVLConfig:
         return max(self.vit.num_layers, self.llm.num_layers)
 
     def validate(self, tensor_parallel: int = 1, pipeline_parallel: int = 1) -> None:
-        """Both towers must split over ``tensor_parallel`` ranks and the language model over
-        ``pipeline_parallel`` stages (the encoder is not pipelined)."""
+        """Raise ValueError listing every problem of ``problems``; then a ``te`` tower on a
+        machine without TransformerEngine raises ``BackendUnavailable``."""
+        from megatron_finevit.config.common import require_spec_backend
+
+        problems = self.problems(tensor_parallel, pipeline_parallel)
+        if problems:
+            raise ValueError("invalid FineViT-VL config: " + "; ".join(problems))
+        for tower in (self.vit, self.llm):
+            require_spec_backend(tower)
+
+    def problems(self, tensor_parallel: int = 1, pipeline_parallel: int = 1) -> list[str]:
+        """One line per problem: both towers must split over ``tensor_parallel`` ranks and the
+        language model over ``pipeline_parallel`` stages (the encoder is not pipelined)."""
         problems = []
         uneven = self._uneven(pipeline_parallel)
         if uneven:
@@ -69,17 +80,13 @@ class FineViTVLConfig:
                     f"model's {self.llm.num_layers} layers")
         llm_pp = 1 if uneven else pipeline_parallel
         for name, tower, pp in (("encoder", self.vit, 1), ("language model", self.llm, llm_pp)):
-            try:
-                tower.validate(tensor_parallel, pp)
-            except ValueError as exc:
-                problems.append(f"{name}: {exc}")
+            problems += [f"{name}: {problem}" for problem in tower.problems(tensor_parallel, pp)]
         if self.vit.merge_size != 2:
             problems.append(f"merge_size={self.vit.merge_size}: the projector merges 2x2 windows")
         if not 0 <= self.image_token_id < self.llm.vocab_size:
             problems.append(f"image_token_id={self.image_token_id} outside the vocabulary of "
                             f"{self.llm.vocab_size}")
-        if problems:
-            raise ValueError("invalid FineViT-VL config: " + "; ".join(problems))
+        return problems
 
     def to_transformer_configs(self, tensor_parallel: int = 1, pipeline_parallel: int = 1,
                                sequence_parallel: bool = False,

@@ -68,6 +68,8 @@ class FineViTVLModel(MegatronModule):
         # megatron's schedules and finalize_model_grads read these
         self.model_type = self.llm.model_type
         self.share_embeddings_and_output_weights = self.llm.share_embeddings_and_output_weights
+        # False: the encoder runs under no_grad (a frozen encoder with nothing before it to train)
+        self.encoder_trainable = True
         if self.pre_process:
             self.encoder = FineViTModel(config.vit, vit_transformer_config, pre_process=True,
                                         post_process=True)
@@ -89,7 +91,8 @@ class FineViTVLModel(MegatronModule):
         sp = self.encoder.config.sequence_parallel
         layout = prepare_encoder_input(
             images, sp_size=parallel_state.get_tensor_model_parallel_world_size() if sp else 1)
-        hidden = layout.gather_output(self.encoder(**layout.model_inputs()))  # [N, h]
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.encoder_trainable):
+            hidden = layout.gather_output(self.encoder(**layout.model_inputs()))  # [N, h]
         return self.projector(hidden, layout.cu_seqlens[: images.num_images + 1])
 
     def forward(self, images: PackedImages | None, input_ids: torch.Tensor,

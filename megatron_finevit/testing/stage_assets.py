@@ -86,3 +86,38 @@ def run_evaluate_cli(checkpoint: str, data: str, task: str, master_port: int,
         return proc
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout, json.loads(Path(json_path).read_text())
+
+
+def make_align_assets(root: str | Path, num_train: int = 64, num_eval: int = 16) -> dict:
+    """Stage III assets: synthetic train + eval shards (indexed) and a random tiny HF Qwen3
+    (2 layers) converted to megatron (``llm_init``)."""
+    from megatron_finevit.convert.pipeline import hf_to_megatron
+    from megatron_finevit.data.index import build_index
+    from megatron_finevit.data.synthetic import make_synthetic_shards
+
+    root = Path(root)
+    for split, num, seed in (("train", num_train, 0), ("eval", num_eval, 1)):
+        make_synthetic_shards(root / split, num, seed=seed, samples_per_shard=32, progress=False)
+        build_index(root / split, progress=False)
+    _tool("make_tiny_qwen3").make_tiny_qwen3(root / "qwen3_hf", num_layers=2)
+    hf_to_megatron("qwen3", str(root / "qwen3_hf"), str(root / "llm_init"), progress=False)
+    return {k: str(root / k) for k in ("train", "eval", "qwen3_hf", "llm_init")}
+
+
+def tiny_align_run(assets: dict, steps: int, global_batch: int = 2, tp: int = 1, pp: int = 1,
+                   sp: bool = False, **stage_config) -> TrainConfig:
+    """A tiny fp32 Stage III run over ``assets`` (``make_align_assets``): a 2-layer tiny FineViT
+    and a 2-layer tiny Qwen3, packs of 128 LLM tokens and 256 ViT patches (images up to 112²)."""
+    cfg = TrainConfig(stage="align", train_steps=steps, global_batch_size=global_batch,
+                      precision="fp32")
+    p = cfg.parallel
+    p.tensor_parallel, p.pipeline_parallel, p.sequence_parallel = tp, pp, sp
+    cfg.optim.lr, cfg.optim.eps, cfg.optim.warmup_steps = 1e-3, 1e-8, 0
+    cfg.eval.at_start = cfg.eval.at_end = False
+    cfg.logging.log_interval, cfg.logging.progress_bar = 1000, False
+    data = {"dir": assets["train"], "llm_tokens": 128, "vit_tokens": 256, "max_text_tokens": 64,
+            "max_turns": 2, "max_pixels": 112 * 112, "buffer_size": 32, "use_draft": True}
+    cfg.stage_config = {"vit": "tiny_vit", "vit_overrides": {"num_layers": 2},
+                        "llm": "tiny_qwen3", "llm_overrides": {"num_layers": 2},
+                        "data": data, **stage_config}
+    return cfg

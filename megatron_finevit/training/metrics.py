@@ -52,18 +52,23 @@ class Throughput:
 
     def reset(self) -> None:
         self.samples = self.tokens = self.flops = 0.0
+        self.counts: dict[str, float] = {}
         self.start = time.perf_counter()
 
-    def add(self, samples: float, tokens: float, flops: float) -> None:
-        """Global (all-rank) work done in one step."""
+    def add(self, samples: float, tokens: float, flops: float, **counts: float) -> None:
+        """Global (all-rank) work done in one step; ``counts`` are further token counts a stage
+        reports (e.g. ``image_tokens``, ``text_tokens``), each logged as ``<name>_per_s``."""
         self.samples += samples
         self.tokens += tokens
         self.flops += flops
+        for name, count in counts.items():
+            self.counts[name] = self.counts.get(name, 0.0) + count
 
     def rates(self) -> dict[str, float]:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         tflops_per_device = self.flops / elapsed / 1e12 / self.world_size
         return {"samples_per_s": self.samples / elapsed, "tokens_per_s": self.tokens / elapsed,
+                **{f"{name}_per_s": count / elapsed for name, count in self.counts.items()},
                 "tflops_per_device": tflops_per_device, "mfu": tflops_per_device / self.peak}
 
 
@@ -113,6 +118,8 @@ class MetricsSink:
 # the loss in full (shortest round-trip repr): two runs' logs compare bit for bit (exact resume)
 _UNITS = {"loss": ("loss", "{!r}"), "lr": ("lr", "{:.3e}"), "grad_norm": ("grad norm", "{:.3f}"),
           "samples_per_s": ("samples/s", "{:,.1f}"), "tokens_per_s": ("tokens/s", "{:,.0f}"),
+          "image_tokens_per_s": ("image tokens/s", "{:,.0f}"),
+          "text_tokens_per_s": ("text tokens/s", "{:,.0f}"),
           "tflops_per_device": ("TFLOP/s/device", "{:.3f}"), "mfu": ("MFU", "{:.2%}"),
           "step_time_s": ("s/step", "{:.3f}")}
 

@@ -26,14 +26,15 @@ from typing import Any
 
 from megatron_finevit.config.errors import ConfigError, UserError
 
-PATH_KINDS = ("shards", "hf_model", "file", "checkpoint")
+PATH_KINDS = ("shards", "hf_model", "file", "directory", "checkpoint", "run_checkpoint")
 
 
 @dataclass(frozen=True)
 class InputPath:
     """A file a stage reads: its dotted config key (for messages), the path, and what must be
     there — ``shards`` (a directory with ``index.zarr``), ``hf_model`` (a directory with a
-    transformers ``config.json``), ``file``, or ``checkpoint`` (a dist_checkpointing directory)."""
+    transformers ``config.json``), ``file``, ``directory``, ``checkpoint`` (a dist_checkpointing
+    directory) or ``run_checkpoint`` (a training run's checkpoint directory, with ``latest``)."""
 
     key: str
     path: str
@@ -152,6 +153,8 @@ def input_path_problems(item: InputPath) -> list[str]:
     where = f"{item.key}={item.path}"
     if item.kind == "file":
         return [] if path.is_file() else [f"{where}: no such file"]
+    if item.kind == "run_checkpoint":
+        return published_checkpoint_problems(item.key, item.path)[1]
     if not path.is_dir():
         return [f"{where}: no such directory"]
     if item.kind == "shards" and not (path / "index.zarr").is_dir():

@@ -33,7 +33,9 @@ class Stage(Protocol):
     validates ``run.stage_config`` into its own dataclass in ``__init__`` (reading no file,
     raising ``ConfigError`` with every problem). Optional, for ``training.preflight`` and
     ``--dry-run``: ``config_class`` (that dataclass, with ``input_paths()``: the files the stage
-    reads) and ``microbatch_phases()`` (samples per micro-batch, per schedule phase)."""
+    reads) and ``microbatch_phases()`` (samples per micro-batch, per schedule phase); for the
+    logs, ``finalize_metrics(metrics)`` turns the step's averaged metrics into the logged ones
+    (e.g. ratios of summed terms)."""
 
     name: str
 
@@ -59,8 +61,9 @@ class Stage(Protocol):
         """megatron's convention: the output tensor and a loss function of it, which returns
         (scalar loss, {metric name: detached scalar tensor})."""
 
-    def work(self, batch: Any) -> tuple[float, float, float]:
-        """(samples, tokens, model FLOPs of forward + backward) in this micro-batch."""
+    def work(self, batch: Any) -> tuple:
+        """(samples, tokens, model FLOPs of forward + backward) in this micro-batch, optionally
+        followed by ``{name: count}`` of further tokens to log as rates (``<name>_per_s``)."""
 
     def optimizer_overrides(self) -> dict:
         """megatron ``{ParamKey: ParamGroupOverride}`` giving some parameters their own optimiser
@@ -95,3 +98,4 @@ def get_stage(name: str) -> type:
 register_stage("toy_lm", "megatron_finevit.testing.toy_stage:ToyLMStage")
 register_stage("mim", "megatron_finevit.training.stages.mim:MIMStage")
 register_stage("contrastive", "megatron_finevit.training.stages.contrastive:ContrastiveStage")
+register_stage("align", "megatron_finevit.training.stages.align:AlignStage")

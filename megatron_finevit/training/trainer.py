@@ -207,6 +207,8 @@ class Trainer:
         finite = torch.tensor([1 if all(math.isfinite(v) for v in metrics.values()) else 0],
                               device=collective_device())
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if metrics and hasattr(self.stage, "finalize_metrics"):
+            metrics = self.stage.finalize_metrics(metrics)
         return metrics, bool(finite.item())
 
     def _skip_step(self, metrics: dict[str, float]) -> None:
@@ -222,17 +224,21 @@ class Trainer:
                     self.state.step, metrics, self.state.skipped_steps)
 
     def _add_work(self, work: list) -> None:
-        """Sum (samples, tokens, FLOPs) over the data-parallel replicas (first PP/TP rank only,
-        so nothing is counted twice)."""
+        """Sum (samples, tokens, FLOPs[, {name: count}]) over the data-parallel replicas (first
+        PP/TP rank only, so nothing is counted twice)."""
         from megatron.core import parallel_state as ps
 
-        local = torch.tensor([sum(w[i] for w in work) for i in range(3)] if work else [0.0] * 3,
+        extras = sorted({name for w in work if len(w) > 3 for name in w[3]})
+        local = torch.tensor([sum(w[i] for w in work) for i in range(3)]
+                             + [sum(w[3].get(name, 0.0) for w in work if len(w) > 3)
+                                for name in extras] if work else [0.0] * 3,
                              dtype=torch.float64, device=collective_device())
         if ps.get_tensor_model_parallel_rank() or ps.get_pipeline_model_parallel_rank() or \
                 ps.get_context_parallel_rank():
             local.zero_()
         dist.all_reduce(local)
-        self.throughput.add(*local.tolist())
+        totals = local.tolist()
+        self.throughput.add(*totals[:3], **dict(zip(extras, totals[3:])))
 
     # --- the loop -------------------------------------------------------------------------------
 

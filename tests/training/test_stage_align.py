@@ -1,0 +1,210 @@
+"""Stage III (``align``) through the trainer.
+
+* Initialisation: the encoder from a Stage II run's checkpoint, the LLM from a converted HF
+  Qwen3, checked tensor by tensor against those files; a mismatched piece is one clear error.
+* Layouts: from the same initial weights, three steps at TP2 + SP, PP2 (uneven LM split) and DP2
+  with the distributed optimiser give the single-rank losses (DP2 against one rank accumulating
+  both ranks' packs), on data with a corrupt image in the first pack (under PP every stage
+  skips it alike).
+* Freeze switches: the encoder frozen until step 2 (its weights do not move, then do), the
+  projector at 5× the learning rate; a run stopped before, at and after the switch and resumed
+  gives the uninterrupted run's losses bit for bit.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from megatron_finevit.testing.multirank import run_world
+from megatron_finevit.testing.stage_assets import (
+    make_align_assets,
+    make_stage_assets,
+    tiny_align_run,
+    tiny_run,
+)
+
+STEPS = 3
+LAYOUTS = {"tp2_sp": dict(tp=2, sp=True), "pp2": dict(pp=2, first_stage_llm_layers=1),
+           "dp2": dict()}
+SWITCH = 2  # the encoder starts training here
+RESUME_STEPS = 4
+POLICIES = {"vit_policy": {"train_from": SWITCH}, "projector_policy": {"lr_mult": 5.0}}
+
+
+class Interleaved:
+    """One rank's iterator over the packs of several DP ranks' loaders, in turn."""
+
+    def __init__(self, loaders):
+        self.loaders, self.turn = loaders, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        loader = self.loaders[self.turn % len(self.loaders)]
+        self.turn += 1
+        return next(loader)
+
+
+def _config(assets, steps, init_dir=None, layout=None, **stage_config):
+    layout = dict(layout or {})
+    first = layout.pop("first_stage_llm_layers", None)
+    if first is not None:
+        stage_config["first_stage_llm_layers"] = first
+    cfg = tiny_align_run(assets, steps, **layout, **stage_config)
+    cfg.checkpoint.load_dir = init_dir
+    return cfg
+
+
+def _losses(trainer, steps):
+    return [(trainer.train_step() or {}).get("loss") for _ in range(steps)]
+
+
+def _encoder_weight(trainer):
+    from megatron_finevit.training.trainer import _unwrap
+
+    module = _unwrap(trainer.model[0])
+    return module.encoder.decoder.layers[0].mlp.linear_fc1.weight.detach().clone()
+
+
+def single_rank_world(rank, world_size, assets, stage_assets, dirs):
+    from megatron_finevit.convert.mcore_io import MegatronCheckpointReader
+    from megatron_finevit.testing.corrupt_shards import truncate_image_bodies
+    from megatron_finevit.training.checkpoint_files import CheckpointError
+    from megatron_finevit.training.checkpointing import latest_checkpoint
+    from megatron_finevit.training.stage import get_stage
+    from megatron_finevit.training.trainer import Trainer
+
+    out = {}
+    # a corrupt image in the first pack every layout draws
+    probe = get_stage("align")(_config(assets, STEPS))
+    first_pack = next(iter(probe._loader(assets["train"], 0, 1).sampler))
+    broken = str(probe._loader(assets["train"], 0, 1).index.key[first_pack[0]])
+    truncate_image_bodies(assets["train"], [broken])
+
+    # Stage II run (0 steps: its initial weights) -> Stage III initial weights
+    stage2 = tiny_run("contrastive", stage_assets, steps=0)
+    stage2.checkpoint.dir = dirs["stage2"]
+    stage2.parallel.distributed_optimizer = False
+    Trainer(stage2).train()
+    init = _config(assets, 0, vit_init_dir=dirs["stage2"], llm_init_dir=assets["llm_init"])
+    init.checkpoint.dir = dirs["init"]
+    init.parallel.distributed_optimizer = False  # its state cannot be saved before a step
+    Trainer(init).train()
+    saved = MegatronCheckpointReader(latest_checkpoint(dirs["init"]))
+    for source, prefix in ((MegatronCheckpointReader(latest_checkpoint(dirs["stage2"])),
+                            "encoder."), (MegatronCheckpointReader(assets["llm_init"]), "")):
+        keys = [k for k in source.keys() if k.startswith(prefix)]
+        ours = [("llm." if not prefix else "") + k for k in keys]
+        assert set(ours) <= set(saved.keys()), sorted(set(ours) - set(saved.keys()))[:3]
+        a = source.load([(k, None) for k in keys])
+        b = saved.load([(k, None) for k in ours])
+        out[f"init_equal_{prefix or 'llm'}"] = all(
+            torch.equal(a[(k, None)], b[(o, None)]) for k, o in zip(keys, ours))
+        out[f"init_tensors_{prefix or 'llm'}"] = len(keys)
+
+    # a mismatched piece is one clear error naming it
+    for name, changes in (("llm", dict(llm_init_dir=assets["llm_init"],
+                                       llm_overrides={"num_layers": 3})),
+                          ("vit", dict(vit_init_dir=dirs["stage2"],
+                                       vit_overrides={"num_layers": 2, "hidden_size": 96}))):
+        with pytest.raises(CheckpointError) as info:
+            Trainer(_config(assets, 1, **changes))
+        out[f"error_{name}"] = str(info.value)
+
+    runs = {}
+    trainer = Trainer(_config(assets, STEPS, dirs["init"]))
+    runs["single"] = _losses(trainer, STEPS)
+    out["skipped"] = trainer.stage.loader.counter.num_skipped
+    trainer = Trainer(_config(assets, STEPS, dirs["init"], global_batch=2))
+    stage = trainer.stage
+    trainer.data = Interleaved([stage._loader(assets["train"], r, 2) for r in range(2)])
+    runs["dp_oracle"] = _losses(trainer, STEPS)
+    out["runs"] = runs
+    return out
+
+
+def layouts_world(rank, world_size, assets, dirs):
+    from megatron_finevit.training.trainer import Trainer
+
+    out = {}
+    for name, layout in LAYOUTS.items():
+        trainer = Trainer(_config(assets, STEPS, dirs["init"], layout))
+        out[name] = _losses(trainer, STEPS)
+
+    # freeze switch at DP2: uninterrupted, then stopped before / at / after the switch
+    cfg = _config(assets, RESUME_STEPS, dirs["init"], **POLICIES)
+    trainer = Trainer(cfg)
+    weights = [_encoder_weight(trainer)]
+    losses = []
+    for _ in range(RESUME_STEPS):
+        losses.append(trainer.train_step()["loss"])
+        weights.append(_encoder_weight(trainer))
+    out["frozen_until_switch"] = [torch.equal(weights[0], w) for w in weights]
+    out["uninterrupted"] = losses
+    out["resumed"] = {}
+    for stop in (SWITCH - 1, SWITCH, SWITCH + 1):
+        cfg = _config(assets, RESUME_STEPS, dirs["init"], **POLICIES)
+        cfg.checkpoint.dir = directory = f"{dirs['resume']}_{stop}"
+        first = Trainer(cfg)  # stopped after `stop` steps (as a pre-emption's save does)
+        head = _losses(first, stop)
+        first.save()
+        tail = Trainer(cfg).train()["losses"]  # resumes from that checkpoint
+        out["resumed"][stop] = head + tail
+        if rank == 0:
+            shutil.rmtree(directory, ignore_errors=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stage_align")
+    assets = make_align_assets(root / "assets")
+    stage_assets = make_stage_assets(root / "stage_assets", num_train=32, num_eval=8)
+    dirs = {k: str(root / k) for k in ("stage2", "init", "resume")}
+    (single,) = run_world(single_rank_world, 1, args=(assets, stage_assets, dirs), timeout_s=900)
+    pair = run_world(layouts_world, 2, args=(assets, dirs), timeout_s=1200)
+    return single, pair
+
+
+def test_initialisation_reads_stage2_encoder_and_converted_llm(runs):
+    single, _ = runs
+    assert single["init_tensors_encoder."] > 5 and single["init_equal_encoder."]
+    assert single["init_tensors_llm"] > 5 and single["init_equal_llm"]
+
+
+def test_mismatched_initial_pieces_are_named(runs):
+    single, _ = runs
+    assert "another Qwen3 than stage_config.llm describes: num_layers 2 (run: 3)" in \
+        single["error_llm"]
+    assert "does not hold this run's FineViT encoder" in single["error_vit"]
+    assert "other shapes" in single["error_vit"]
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layout_losses_equal_single_rank(runs, name):
+    single, pair = runs
+    reference = single["runs"]["dp_oracle" if name == "dp2" else "single"]
+    assert single["skipped"] == 1  # the corrupt image was met and skipped
+    assert len(set(reference)) == STEPS and reference[-1] < reference[0]  # it trains
+    holders = [r[name] for r in pair if r[name][0] is not None]
+    assert len(holders) == (1 if name == "pp2" else 2)  # under PP only the last stage reports
+    for losses in holders:
+        assert losses == pytest.approx(reference, rel=1e-5)
+
+
+def test_frozen_encoder_does_not_move_until_its_switch(runs):
+    _, pair = runs
+    for r in pair:
+        # weights before step 1, after steps 1..4: unchanged while frozen (steps 0 and 1)
+        assert r["frozen_until_switch"] == [True, True, True, False, False]
+
+
+@pytest.mark.parametrize("stop", [SWITCH - 1, SWITCH, SWITCH + 1])
+def test_resume_across_the_freeze_switch_is_exact(runs, stop):
+    _, pair = runs
+    for r in pair:
+        assert r["resumed"][stop] == r["uninterrupted"]
