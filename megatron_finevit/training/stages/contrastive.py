@@ -41,6 +41,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron_finevit.config.loader import ConfigError, parse_config
 from megatron_finevit.config.presets import preset_config
 from megatron_finevit.config.train import TrainConfig
+from megatron_finevit.planning.flops import transformer_flops
 from megatron_finevit.training.dry_run import MicrobatchPhase
 from megatron_finevit.training.preflight import InputPath
 from megatron_finevit.training.stages.vision import (
@@ -48,7 +49,6 @@ from megatron_finevit.training.stages.vision import (
     VisionStage,
     schedule_problems,
     shard_paths,
-    transformer_flops,
 )
 
 

@@ -8,9 +8,10 @@ of 2·cp before the encoder, so the loader budgets images at that padded length
 step's micro-batches before megatron's schedule (``on_step`` -> ``PackedImageLoader.prepare``):
 the first stage decides what decoded, the others follow (``data.pack_agreement``).
 
-FLOPs (forward + backward = 3× forward, matmuls only): per image of ``n`` tokens,
-``2 · params · n`` for the weights and ``4 · n² · h`` per layer for the attention scores and
-their weighted sum; each image attends only to itself, so the quadratic term is per image.
+FLOPs (``planning.flops.transformer_flops``; forward + backward = 3× forward, matmuls only): per
+image of ``n`` tokens, ``2 · params · n`` for the weights and ``4 · n² · h`` per layer for the
+attention scores and their weighted sum; each image attends only to itself, so the quadratic term
+is per image.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from megatron_finevit.data.loader import PackedImageBatch, PackedImageLoader
 from megatron_finevit.data.pack_agreement import PipelineGroup
 from megatron_finevit.data.resize import DEFAULT_MIN_PIXELS, ResizePolicy
 from megatron_finevit.models.attention import cp_padded_length
+from megatron_finevit.planning.flops import transformer_flops
 from megatron_finevit.training.dry_run import MicrobatchPhase
 from megatron_finevit.training.preflight import InputPath
 
@@ -83,13 +85,6 @@ def shard_paths(data: DataSection, eval_data_dir: str | None) -> list[InputPath]
     return [InputPath(key, path, "shards") for key, path in (
         ("stage_config.data.dir", data.dir), ("stage_config.eval_data_dir", eval_data_dir))
         if path]
-
-
-def transformer_flops(params: int, lengths: list[int], num_layers: int, hidden: int) -> float:
-    """Forward + backward matmul FLOPs of a transformer over independent sequences."""
-    tokens = sum(lengths)
-    attention = sum(4 * n * n * hidden * num_layers for n in lengths)
-    return 3.0 * (2.0 * params * tokens + attention)
 
 
 class VisionStage:
