@@ -1,8 +1,8 @@
-"""Standalone evaluation of a Stage I (MIM) or Stage II (contrastive) checkpoint on an indexed
-shard directory:
+"""Standalone evaluation of a Stage I (MIM), Stage II (contrastive) or Stage III (align) checkpoint
+on an indexed shard directory:
 
     python -m megatron_finevit.evaluate --checkpoint runs/quickstart/stage2 \
-        --data runs/quickstart/data/eval [--task retrieval|zero_shot|all] [--json OUT] [k=v ...]
+        --data runs/quickstart/data/eval [--task retrieval|zero_shot|mim|align|all] [--json OUT]
 
 The run config comes from the checkpoint (as saved by the trainer) or from ``--config`` — e.g. a
 Stage II config with a Stage I checkpoint evaluates the model Stage II starts from (Stage I's
@@ -10,6 +10,9 @@ encoder, freshly initialised MAP head and text tower, same seed). Runs in one pr
 torchrun at any data-parallel size: each rank embeds its share of the images). Stage II: prints
 recall@1/5/10 image→text and text→image, zero-shot top-1/5 over the synthetic colour-shape classes
 and chance. Stage I: the MIM loss per masked token and the prediction–target cosine on fixed masks.
+Stage III: greedy answers to held-out region questions — grounding accuracy at IoU >= 0.5
+(caption -> box), exact match and token F1 of region captions and OCR (box -> text) — each beside
+a trivial baseline (the mean box; the most frequent answer).
 """
 
 from __future__ import annotations
@@ -25,17 +28,21 @@ from megatron_finevit.config.train import TrainConfig
 from megatron_finevit.logs import quiet_third_party_logs
 
 TASK_KEYS = {"retrieval": ("i2t", "t2i", "chance_r1", "num_images"),
-             "zero_shot": ("zero_shot",), "mim": ("mim_", "masked_tokens", "num_images")}
+             "zero_shot": ("zero_shot",), "mim": ("mim_", "masked_tokens", "num_images"),
+             "align": ("grounding_", "region_caption_", "ocr_", "eval_skipped")}
+TASK_STAGES = {"retrieval": "contrastive", "zero_shot": "contrastive", "mim": "mim",
+               "align": "align"}
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m megatron_finevit.evaluate",
-                                     description="Evaluate a Stage I (MIM) or Stage II "
-                                     "(contrastive) checkpoint on an indexed shard directory.")
+                                     description="Evaluate a Stage I (MIM), Stage II "
+                                     "(contrastive) or Stage III (align) checkpoint on an indexed "
+                                     "shard directory.")
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory (with `latest`)")
     parser.add_argument("--data", required=True, help="indexed shard directory to evaluate on")
-    parser.add_argument("--task", choices=("retrieval", "zero_shot", "mim", "all"), default="all",
-                        help="retrieval / zero_shot: Stage II; mim: Stage I")
+    parser.add_argument("--task", choices=(*TASK_KEYS, "all"), default="all",
+                        help="retrieval / zero_shot: Stage II; mim: Stage I; align: Stage III")
     parser.add_argument("--config", help="run config YAML (default: the checkpoint's own)")
     parser.add_argument("--json", help="also write the metrics to this file")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
@@ -80,11 +87,14 @@ def evaluation_config(args) -> TrainConfig:
         raise PreflightErrors([error for error in (
             (problems or data) and ConfigError(problems + data),
             checkpoint_problems and CheckpointError(checkpoint_problems)) if error])
-    if cfg.stage not in ("mim", "contrastive"):
-        problems.append(f"stage {cfg.stage!r} has no evaluation here: give a Stage I (mim) or "
-                        "Stage II (contrastive) checkpoint or --config")
-    elif args.task != "all" and (args.task == "mim") != (cfg.stage == "mim"):
+    if cfg.stage not in TASK_STAGES.values():
+        problems.append(f"stage {cfg.stage!r} has no evaluation here: give a Stage I (mim), "
+                        "Stage II (contrastive) or Stage III (align) checkpoint or --config")
+    elif args.task != "all" and TASK_STAGES[args.task] != cfg.stage:
         problems.append(f"--task {args.task} does not apply to a {cfg.stage} run")
+    if cfg.stage == "align":  # the checkpoint sets every weight: the initial pieces are not read
+        cfg.stage_config.pop("vit_init_dir", None)
+        cfg.stage_config.pop("llm_init_dir", None)
     cfg.train_steps, cfg.global_batch_size = 0, 1
     cfg.optim.warmup_steps = 0
     cfg.parallel.tensor_parallel = cfg.parallel.pipeline_parallel = 1
@@ -129,6 +139,26 @@ def format_table(results: dict[str, float]) -> str:
                      f"single-shape images): top-1 {100 * results['zero_shot_top1']:.1f}%, "
                      f"top-5 {100 * results['zero_shot_top5']:.1f}%, chance top-1 "
                      f"{100 * results['zero_shot_chance_top1']:.1f}%")
+    if "grounding_acc" in results:
+        lines.append(format_align_table(results))
+    return "\n".join(lines)
+
+
+def format_align_table(results: dict[str, float]) -> str:
+    """Stage III: each metric beside its trivial baseline (percent)."""
+    rows = [("grounding (caption -> box), acc@IoU0.5", "grounding_n", "grounding_acc",
+             "grounding_baseline", "mean box")]
+    for name, key in (("region caption (box -> text)", "region_caption"),
+                      ("OCR (box -> text)", "ocr")):
+        rows += [(f"{name}, exact match", f"{key}_n", f"{key}_em", f"{key}_baseline_em",
+                  "most frequent"),
+                 (f"{name}, token F1", f"{key}_n", f"{key}_f1", f"{key}_baseline_f1",
+                  "most frequent")]
+    lines = [f"{'Stage III held-out QA':42s}{'n':>6s}{'model':>9s}{'baseline':>10s}"]
+    for label, n, value, baseline, what in rows:
+        if value in results:
+            lines.append(f"{label:42s}{int(results[n]):6d}{100 * results[value]:8.1f}%"
+                         f"{100 * results[baseline]:9.1f}%  ({what})")
     return "\n".join(lines)
 
 

@@ -118,7 +118,7 @@ class TaskMixture:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Annotation:
+class Annotation:
     """One usable piece of a sample: where it comes from (``("region", 3)``), its text and its
     box (None for the global caption)."""
 
@@ -134,10 +134,10 @@ def sample_rng(seed: int, key: str, step: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed), key_hash, int(step)]))
 
 
-def _annotations(meta: dict, codec: BoxCodec, original_hw, resized_hw) -> dict[str, list]:
-    """The annotations each kind can use: kind -> list of ``_Annotation``."""
+def annotation_pools(meta: dict, codec: BoxCodec, original_hw, resized_hw) -> dict[str, list]:
+    """The annotations each kind can use: kind -> list of ``Annotation``."""
     def boxed(field, text_key):
-        return [_Annotation((field, i), e[text_key].strip(),
+        return [Annotation((field, i), e[text_key].strip(),
                             codec.encode(e["box"], original_hw, resized_hw))
                 for i, e in enumerate(meta.get(field, [])) if e[text_key].strip()]
 
@@ -150,12 +150,12 @@ def _annotations(meta: dict, codec: BoxCodec, original_hw, resized_hw) -> dict[s
         return [item for item in items if counts[item.text] == 1]
 
     caption = meta.get("caption", "").strip()
-    return {GLOBAL_CAPTION: [_Annotation(("caption", 0), caption, None)] if caption else [],
+    return {GLOBAL_CAPTION: [Annotation(("caption", 0), caption, None)] if caption else [],
             BBOX_TO_CAPTION: regions, CAPTION_TO_BBOX: unique(regions),
             BBOX_TO_OCR: ocr, OCR_TO_BBOX: unique(ocr)}
 
 
-def _question_and_answer(kind: str, template: str, item: _Annotation,
+def question_and_answer(kind: str, template: str, item: Annotation,
                          codec: BoxCodec) -> tuple[str, str]:
     if kind == GLOBAL_CAPTION:
         return template, item.text
@@ -178,7 +178,7 @@ def draw_turns(meta: dict, *, original_hw: tuple[int, int], resized_hw: tuple[in
     """
     if max_turns < 1:
         raise ValueError(f"max_turns must be >= 1, got {max_turns}")
-    pools = _annotations(meta, codec, original_hw, resized_hw)
+    pools = annotation_pools(meta, codec, original_hw, resized_hw)
     weights = mixture.weights()
     rng = sample_rng(seed, key, step)
     used: set[tuple[str, int]] = set()  # annotations already asked about (one turn each)
@@ -194,5 +194,5 @@ def draw_turns(meta: dict, *, original_hw: tuple[int, int], resized_hw: tuple[in
         item = choices[int(rng.integers(len(choices)))]
         used.add(item.uid)
         template = PARAPHRASES[kind][int(rng.integers(len(PARAPHRASES[kind])))]
-        turns.append(Turn(*_question_and_answer(kind, template, item, codec), kind=kind))
+        turns.append(Turn(*question_and_answer(kind, template, item, codec), kind=kind))
     return turns

@@ -13,8 +13,8 @@ Initialisation (``build_model``), each piece checked and named when it is missin
   (its ``model_config.json`` must describe this run's LLM);
 * the projector fresh.
 
-(``checkpoint.load_dir`` — a whole FineViT-VL checkpoint, e.g. a Stage III run for SFT — is the
-trainer's and comes after these.)
+A resume, or ``checkpoint.load_dir`` (a whole FineViT-VL checkpoint, e.g. a Stage III run for
+SFT), sets every weight instead: then these two are not read.
 
 Trainable policy, per module (``vit``, ``projector``, ``llm``): ``train_from`` (the step it starts
 training; None: frozen throughout) and ``lr_mult`` (its learning rate over ``optim.lr``, the
@@ -267,10 +267,11 @@ class AlignStage:
         vit_config, llm_config = self.transformer_configs()
         self.module = model = FineViTVLModel(self.vl, vit_config, llm_config, pre_process,
                                              post_process)
-        if pre_process and self.cfg.vit_init_dir:
-            load_vit_weights(model.encoder, self.cfg.vit_init_dir)
-        if self.cfg.llm_init_dir:
-            load_llm_weights(model.llm, self.vl.llm, self.cfg.llm_init_dir)
+        if not self._weights_come_from_a_checkpoint():
+            if pre_process and self.cfg.vit_init_dir:
+                load_vit_weights(model.encoder, self.cfg.vit_init_dir)
+            if self.cfg.llm_init_dir:
+                load_llm_weights(model.llm, self.vl.llm, self.cfg.llm_init_dir)
         parts = {"llm": model.llm}
         if pre_process:
             parts.update(vit=model.encoder, projector=model.projector)
@@ -279,6 +280,14 @@ class AlignStage:
                 setattr(param, MODULE_PARAM_ATTR[module], True)
                 param.register_hook(self._gradient_gate(module))
         return model
+
+    def _weights_come_from_a_checkpoint(self) -> bool:
+        """Whether the trainer overwrites every weight after the build (a resume, or
+        ``checkpoint.load_dir``): then the initial pieces are not read."""
+        from megatron_finevit.training.checkpointing import latest_checkpoint
+
+        ck = self.run.checkpoint
+        return bool(ck.load_dir) or bool(ck.dir and ck.resume and latest_checkpoint(ck.dir))
 
     def _gradient_gate(self, module: str):
         """A tensor hook that zeroes a frozen module's gradients before they are accumulated."""
@@ -337,7 +346,8 @@ class AlignStage:
         labels = batch.labels.masked_fill(batch.labels == IGNORE_INDEX, 0)
         params = thd_packed_seq_params(batch.cu_seqlens.to(device))
         output = model(images, batch.input_ids[None].to(device),
-                       batch.position_ids[None].to(device), labels=labels[None].to(device), packed_seq_params=params)
+                       batch.position_ids[None].to(device), labels=labels[None].to(device),
+                       packed_seq_params=params, loss_mask=batch.loss_mask[None].to(device))
 
         def loss_fn(token_loss):
             token_loss = token_loss.float().reshape(-1)

@@ -32,8 +32,8 @@ from typing import Sequence
 from megatron_finevit.data.tasks.boxes import Box, BoxCodec
 from megatron_finevit.data.tasks.chat import IM_END, PAD_TOKEN
 from megatron_finevit.data.tasks.region_qa import (BBOX_TO_CAPTION, BBOX_TO_OCR, CAPTION_TO_BBOX,
-                                                   PARAPHRASES, _annotations,
-                                                   _question_and_answer, sample_rng)
+                                                   PARAPHRASES, annotation_pools,
+                                                   question_and_answer, sample_rng)
 from megatron_finevit.evaluation.region_qa import GroundingItem, grounding_metrics, text_metrics
 
 EVAL_KINDS = (CAPTION_TO_BBOX, BBOX_TO_CAPTION, BBOX_TO_OCR)
@@ -69,13 +69,13 @@ def eval_questions(meta: dict, *, original_hw: tuple[int, int], resized_hw: tupl
                    codec: BoxCodec, seed: int, key: str) -> list[EvalQuestion]:
     """At most one question per ``EVAL_KINDS`` kind for one image, in that order (module doc);
     ``meta`` is the validated sample JSON (boxes in original pixels)."""
-    pools = _annotations(meta, codec, original_hw, resized_hw)
+    pools = annotation_pools(meta, codec, original_hw, resized_hw)
     rng = sample_rng(seed, key, EVAL_DRAW_STEP)
     questions = []
     for kind in EVAL_KINDS:
         if pools[kind]:
             item = pools[kind][int(rng.integers(len(pools[kind])))]
-            question, truth = _question_and_answer(kind, PARAPHRASES[kind][0], item, codec)
+            question, truth = question_and_answer(kind, PARAPHRASES[kind][0], item, codec)
             questions.append(EvalQuestion(kind, question, truth,
                                           item.box if kind == CAPTION_TO_BBOX else None))
     return questions
