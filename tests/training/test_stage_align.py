@@ -208,3 +208,27 @@ def test_resume_across_the_freeze_switch_is_exact(runs, stop):
     _, pair = runs
     for r in pair:
         assert r["resumed"][stop] == r["uninterrupted"]
+
+
+def test_config_problems_are_listed_together():
+    from megatron_finevit.config.errors import ConfigError
+    from megatron_finevit.training.stage import get_stage
+
+    cfg = tiny_align_run({"train": "unused"}, 1, tp=2, sp=True,
+                         vit_policy={"train_from": None}, projector_policy={"train_from": None},
+                         llm_policy={"train_from": None, "lr_mult": -1.0},
+                         eval_kinds=["caption_to_bbox", "global_caption"])
+    cfg.stage_config["data"].update(llm_tokens=127, box_coords="polar",
+                                    mixture={"caption_to_box": 1.0})
+    cfg.parallel.context_parallel = 2
+    with pytest.raises(ConfigError) as info:
+        get_stage("align")(cfg)
+    text = "\n".join(info.value.problems)
+    for expected in ("context_parallel must be 1 for Stage III",
+                     "data.llm_tokens=127 must be a multiple of tensor_parallel=2",
+                     "llm_policy.lr_mult=-1.0 must be >= 0",
+                     "every module is frozen",
+                     "eval_kinds=['caption_to_bbox', 'global_caption'] must be a non-empty subset",
+                     "unknown task kinds ['caption_to_box']",
+                     "box_coords"):
+        assert expected in text, (expected, text)

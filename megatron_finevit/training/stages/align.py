@@ -103,6 +103,9 @@ class AlignStageConfig:
     eval_data_dir: str | None = None           # held-out indexed shards for evaluate()
     eval_max_images: int = 64                  # held-out images per evaluation
     eval_max_new_tokens: int = 24              # greedy decoding length
+    # the held-out question kinds (caption_to_bbox: grounding; bbox_to_caption; bbox_to_ocr)
+    eval_kinds: list = field(default_factory=lambda: ["caption_to_bbox", "bbox_to_caption",
+                                                      "bbox_to_ocr"])
     data: AlignDataSection = field(default_factory=AlignDataSection)
 
     def input_paths(self) -> list[InputPath]:
@@ -164,6 +167,12 @@ class AlignStage:
                                 ">= 0")
         if all(cfg.policy(m).train_from is None for m in MODULES):
             problems.append("every module is frozen (train_from: null): nothing would train")
+        from megatron_finevit.training.stages.align_eval import EVAL_KINDS
+
+        unknown = sorted(set(cfg.eval_kinds) - set(EVAL_KINDS))
+        if unknown or not cfg.eval_kinds:
+            problems.append(f"stage_config.eval_kinds={cfg.eval_kinds} must be a non-empty "
+                            f"subset of {list(EVAL_KINDS)}")
         try:
             self.mixture = TaskMixture.from_dict(d.mixture)
         except (TypeError, ValueError) as exc:

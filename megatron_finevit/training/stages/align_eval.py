@@ -66,15 +66,19 @@ class EvalAnswer:
 
 
 def eval_questions(meta: dict, *, original_hw: tuple[int, int], resized_hw: tuple[int, int],
-                   codec: BoxCodec, seed: int, key: str) -> list[EvalQuestion]:
-    """At most one question per ``EVAL_KINDS`` kind for one image, in that order (module doc);
-    ``meta`` is the validated sample JSON (boxes in original pixels)."""
+                   codec: BoxCodec, seed: int, key: str,
+                   kinds: Sequence[str] = EVAL_KINDS) -> list[EvalQuestion]:
+    """At most one question per kind of ``kinds`` (a subset of ``EVAL_KINDS``) for one image, in
+    ``EVAL_KINDS`` order (module doc); ``meta`` is the validated sample JSON (boxes in original
+    pixels). The draw is the same whichever kinds are asked."""
     pools = annotation_pools(meta, codec, original_hw, resized_hw)
     rng = sample_rng(seed, key, EVAL_DRAW_STEP)
     questions = []
     for kind in EVAL_KINDS:
         if pools[kind]:
-            item = pools[kind][int(rng.integers(len(pools[kind])))]
+            item = pools[kind][int(rng.integers(len(pools[kind])))]  # drawn even if not asked
+            if kind not in kinds:
+                continue
             question, truth = question_and_answer(kind, PARAPHRASES[kind][0], item, codec)
             questions.append(EvalQuestion(kind, question, truth,
                                           item.box if kind == CAPTION_TO_BBOX else None))
@@ -165,7 +169,8 @@ def _requests(stage, eval_dir: str, max_images: int | None):
                 continue
             hw = tuple(image.shape[1:])
             asked = eval_questions(meta, original_hw=(meta["height"], meta["width"]),
-                                   resized_hw=hw, codec=stage.codec, seed=config.seed, key=key)
+                                   resized_hw=hw, codec=stage.codec, seed=config.seed, key=key,
+                                   kinds=getattr(stage.cfg, "eval_kinds", EVAL_KINDS))
             image_requests = [GenerationRequest(image, template.encode_prompt(
                 q.question, image_llm_tokens(image))) for q in asked]
             if not all(r.fits(max_new_tokens, config.llm_tokens, config.vit_tokens)
