@@ -98,5 +98,12 @@ class FineViTVLConverter:
         vit_tc, llm_tc = transformer_config
         return FineViTVLModel(config, vit_tc, llm_tc)
 
+    def save_processor(self, config: FineViTVLConfig, out_dir) -> list[str]:
+        """The export's transformers processor (``hf/processing_finevit_vl.py``): the bundled Qwen
+        tokenizer and the Stage III image policy; none for a model off Qwen's vocabulary."""
+        from megatron_finevit.hf.processing_finevit_vl import save_finevit_vl_processor
+
+        return save_finevit_vl_processor(out_dir, config.image_token_id, config.llm.vocab_size)
+
 
 CONVERTER = FineViTVLConverter()

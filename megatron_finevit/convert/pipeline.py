@@ -197,9 +197,10 @@ def megatron_to_hf(model: str, mcore_dir: str, hf_dir: str, config=None,
                    progress: bool = True, megatron_prefix: str = "") -> dict:
     """Export a megatron torch_dist checkpoint (saved at any TP / PP) as an HF directory:
     safetensors shards (+ index), ``config.json`` and, if ``tokenizer_dir`` is given, its
-    tokenizer files. Reads one layer at a time. ``megatron_prefix`` selects a model stored inside
-    a larger one (``"encoder."``: the FineViT of a Stage I/II trainer checkpoint). Returns a
-    summary."""
+    tokenizer files, else the model's default processor files if it has any (FineViT-VL: the
+    bundled Qwen tokenizer and the training image processor). Reads one layer at a time.
+    ``megatron_prefix`` selects a model stored inside a larger one (``"encoder."``: the FineViT
+    of a Stage I/II trainer checkpoint). Returns a summary."""
     from megatron_finevit.convert.mcore_io import MegatronCheckpointReader
 
     start = time.perf_counter()
@@ -230,7 +231,12 @@ def megatron_to_hf(model: str, mcore_dir: str, hf_dir: str, config=None,
         files = writer.close()
         (staging / "config.json").write_text(
             json.dumps(converter.hf_config(config, dtype), indent=2) + "\n")
-        tokenizer_files = copy_tokenizer_files(tokenizer_dir, staging) if tokenizer_dir else []
+        if tokenizer_dir:
+            tokenizer_files = copy_tokenizer_files(tokenizer_dir, staging)
+        elif hasattr(converter, "save_processor"):  # a model with a default processor
+            tokenizer_files = converter.save_processor(config, staging)
+        else:
+            tokenizer_files = []
     summary = {"files": files, "tokenizer_files": tokenizer_files, "bytes": writer.total_bytes,
                "seconds": time.perf_counter() - start}
     log.info("megatron -> HF: %.2f GB in %d file(s), %.1f s -> %s", writer.total_bytes / 1e9,

@@ -143,11 +143,17 @@ def decode_pil(image_bytes: bytes, policy: ResizePolicy = ResizePolicy(),
     if use_draft and image.format == "JPEG":
         transposed = image.size != (width, height)  # draft() works in stored, pre-EXIF axes
         image.draft("RGB", (target_h, target_w) if transposed else (target_w, target_h))
-    rgb = load_rgb(image)
+    return resize_and_normalize(load_rgb(image), (target_h, target_w), norm)
+
+
+def resize_and_normalize(rgb: Image.Image, size: tuple[int, int],
+                         norm: Normalization = Normalization()) -> torch.Tensor:
+    """An upright RGB image -> float32 ``[3, H, W]`` at ``size`` = (H, W) (Pillow BILINEAR), then
+    normalised: the step after decoding (also the transformers image processor's)."""
+    target_h, target_w = size
     if rgb.size != (target_w, target_h):
         rgb = rgb.resize((target_w, target_h), Image.BILINEAR)
     return normalize_hwc_uint8(np.array(rgb), norm)  # np.array: a writable copy
-
 
 
 def iter_decoded(shard_paths, policy: ResizePolicy = ResizePolicy(),
