@@ -13,8 +13,8 @@ id (not returned) or after ``max_new_tokens``. The cost is a full forward of the
 included) per generated token — fine for the short answers of evaluation, and nothing to keep in
 step across stages but the chosen ids.
 
-Logits on the last stage are vocab-parallel ``[1, T, V_pad / TP]``: the rows of the requests'
-current positions are gathered over TP, padded vocabulary ids (``>= vocab_size``) dropped, the
+Only the requests' current positions go through the output layer (``output_mask``): their
+vocab-parallel logits ``[1, k, V_pad / TP]`` are gathered over TP, padded vocabulary ids (``>= vocab_size``) dropped, the
 image placeholder id suppressed (a generated placeholder would be read as an image slot, which
 the pack has no features for), the argmax taken (ties: the lowest id, as transformers'
 ``argmax`` over the whole vocabulary) and broadcast from the last pipeline stage to the others,
@@ -191,11 +191,14 @@ def _next_tokens(model_chunks: list, packs: list[_Pack], seq_length: int, vocab_
     def forward_step(data_iterator, model):
         pack = next(data_iterator)
         images = dataclasses.replace(pack.images, patches=pack.images.patches.to(device))
+        current = torch.zeros(1, seq_length, dtype=torch.bool)
+        current[0, pack.slot - 1] = True  # each request's last written slot, in request order
         output = model(images, pack.ids[None].to(device), pack.positions[None].to(device),
-                       packed_seq_params=thd_packed_seq_params(pack.cu_seqlens.to(device)))
+                       packed_seq_params=thd_packed_seq_params(pack.cu_seqlens.to(device)),
+                       output_mask=current.to(device))
 
-        def pick(logits):  # last stage: [1, T, V_pad / TP]
-            rows = logits[0, (pack.slot - 1).to(logits.device)]  # [k, V_pad / TP]
+        def pick(logits):  # last stage: [1, k, V_pad / TP], the current slots only
+            rows = logits[0]  # [k, V_pad / TP]
             full = gather_from_tensor_model_parallel_region(rows)[:, :vocab_size]  # [k, V]
             full[:, image_token_id] = float("-inf")
             chosen.append(full.argmax(dim=-1))

@@ -34,7 +34,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron_finevit.config.vlm import FineViTVLConfig
 from megatron_finevit.models.heads import MergeProjector
 from megatron_finevit.models.llm import build_qwen3
-from megatron_finevit.models.llm.masked_output import masked_token_loss
+from megatron_finevit.models.llm.masked_output import masked_token_loss, selected_logits
 from megatron_finevit.models.llm.packing import check_packed_input
 from megatron_finevit.models.vit import FineViTModel, PackedImages, prepare_encoder_input
 
@@ -100,14 +100,16 @@ class FineViTVLModel(MegatronModule):
                 position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None,
                 packed_seq_params: PackedSeqParams | None = None,
-                loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+                output_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``input_ids`` / ``position_ids`` ``[B, S]`` (``S`` divisible by TP under sequence
         parallelism) -> on the last stage, logits ``[B, S, padded vocab / TP]`` (vocab-parallel;
         causal attention when ``attention_mask`` is None) or, with ``labels`` ``[B, S]``, the
         per-token cross-entropy ``[B, S]`` (megatron's vocab-parallel loss); on other stages, the
-        hidden states for the next one. ``images`` is read on the first stage only. With
-        ``labels`` and ``loss_mask`` ``[B, S]`` the output layer and the loss run only where
-        ``loss_mask`` is set (``models/llm/masked_output``); the loss is 0 elsewhere.
+        hidden states for the next one. ``images`` is read on the first stage only.
+        ``output_mask`` ``[B, S]`` runs the output layer only where it is set
+        (``models/llm/masked_output``): with ``labels`` the per-token loss ``[B, S]`` is 0
+        elsewhere; without, the logits ``[1, n, padded vocab / TP]`` of the ``n`` set positions
+        are returned (in sequence order for ``B = 1``).
 
         Packed (``packed_seq_params``, THD — see the module docstring): ``B = 1``, ``S = T`` the
         pack's budget, ``position_ids`` restarting per segment (checked), the loss per token
@@ -119,8 +121,9 @@ class FineViTVLModel(MegatronModule):
                                parallel_state.get_tensor_model_parallel_world_size() if sp else 1)
         llm_inputs = dict(attention_mask=attention_mask, labels=labels,
                           packed_seq_params=packed_seq_params)
-        if labels is not None and loss_mask is not None:
-            llm_inputs.update(loss_mask=loss_mask, output_processor=masked_token_loss)
+        if output_mask is not None:
+            llm_inputs.update(loss_mask=output_mask, output_processor=(
+                masked_token_loss if labels is not None else selected_logits))
         if not self.pre_process:
             return self.llm(input_ids, position_ids, **llm_inputs)
         embeds = self.llm.embedding(input_ids=input_ids, position_ids=position_ids)  # [S, B, H]

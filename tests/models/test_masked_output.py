@@ -28,7 +28,7 @@ def compare_world(rank, world_size, layout):
     for loss_mask in (None, mask):
         per_token = model(batch["images"], batch["ids"], batch["positions"],
                           labels=batch["labels"], packed_seq_params=batch.get("params"),
-                          loss_mask=loss_mask)
+                          output_mask=loss_mask)
         grads = torch.autograd.grad((per_token * mask).sum(), params)
         results.append((per_token.detach(), [g.detach() for g in grads]))
     (full, full_grads), (masked, masked_grads) = results

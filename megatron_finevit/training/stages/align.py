@@ -356,7 +356,7 @@ class AlignStage:
         params = thd_packed_seq_params(batch.cu_seqlens.to(device))
         output = model(images, batch.input_ids[None].to(device),
                        batch.position_ids[None].to(device), labels=labels[None].to(device),
-                       packed_seq_params=params, loss_mask=batch.loss_mask[None].to(device))
+                       packed_seq_params=params, output_mask=batch.loss_mask[None].to(device))
 
         def loss_fn(token_loss):
             token_loss = token_loss.float().reshape(-1)
