@@ -11,11 +11,13 @@ known by construction, so later stages can measure what the model learnt:
 - one OCR entry per word: the box of the rendered glyphs and the string.
 
 Every sample is generated from its own RNG seeded by (seed, sample index), so the same seed gives
-byte-identical shards and any sample can be regenerated on its own.
+byte-identical shards and any sample can be regenerated on its own. ``SceneSpec`` varies the
+scene (fixed square images, fewer and larger shapes) for the quick start's grounding demo.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from pathlib import Path
 
@@ -56,7 +58,28 @@ def _join(phrases: list[str]) -> str:
     return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
 
 
-def _image_size(rng: np.random.Generator) -> tuple[int, int]:
+@dataclasses.dataclass(frozen=True)
+class SceneSpec:
+    """What a sample may hold. The default is FineCap-mini; ``square_size`` (every image
+    ``square_size``² pixels) with fewer, larger shapes makes a grounding set a tiny CPU model
+    can learn in minutes (the quick start's Stage III)."""
+
+    square_size: int | None = None        # None: short side 200..600, aspect 1..3
+    shape_scale: tuple[float, float] = (0.15, 0.35)  # shape side over the short side
+    max_shapes: int = 4
+    max_words: int = 2
+
+    def __post_init__(self):
+        low, high = self.shape_scale
+        if not 0 < low <= high < 1 or self.max_shapes < 1 or self.max_words < 0:
+            raise ValueError(f"invalid scene: {self}")
+        if self.square_size is not None and self.square_size < 56:
+            raise ValueError(f"square_size={self.square_size} must be >= 56")
+
+
+def _image_size(rng: np.random.Generator, spec: SceneSpec) -> tuple[int, int]:
+    if spec.square_size is not None:
+        return spec.square_size, spec.square_size
     short = int(rng.integers(200, 601))
     long = min(900, int(round(short * rng.uniform(1.0, 3.0))))
     return (short, long) if rng.random() < 0.5 else (long, short)  # (height, width)
@@ -89,10 +112,10 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: list[int], rgb) -> N
         draw.polygon([((x1 + x2) / 2, y1), (x2 - 1, y2 - 1), (x1, y2 - 1)], fill=rgb)
 
 
-def make_sample(seed: int, index: int) -> tuple[bytes, dict]:
+def make_sample(seed: int, index: int, spec: SceneSpec = SceneSpec()) -> tuple[bytes, dict]:
     """One synthetic sample: (JPEG bytes, metadata in the shard JSON schema)."""
     rng = np.random.default_rng([seed, index])
-    height, width = _image_size(rng)
+    height, width = _image_size(rng, spec)
     # Mid grey-ish background: every named colour (white and black included) stands out.
     background = tuple(int(v) for v in rng.integers(110, 190, size=3))
     image = Image.new("RGB", (width, height), background)
@@ -100,8 +123,8 @@ def make_sample(seed: int, index: int) -> tuple[bytes, dict]:
     short = min(width, height)
     boxes, regions, ocr, phrases = [], [], [], []
 
-    for _ in range(int(rng.integers(1, 5))):
-        side = int(rng.uniform(0.15, 0.35) * short)
+    for _ in range(int(rng.integers(1, spec.max_shapes + 1))):
+        side = int(rng.uniform(*spec.shape_scale) * short)
         box = _place(rng, width, height, side, side, boxes)
         if box is None:
             continue
@@ -113,7 +136,7 @@ def make_sample(seed: int, index: int) -> tuple[bytes, dict]:
         regions.append({"box": box, "caption": phrase, "label": shape, "score": 1.0})
         phrases.append(_phrase_with_position(phrase, grid_position(box, width, height)))
 
-    for _ in range(int(rng.integers(0, 3))):
+    for _ in range(int(rng.integers(0, spec.max_words + 1))):
         word = WORDS[int(rng.integers(len(WORDS)))]
         font = ImageFont.load_default(size=int(rng.integers(18, 40)))
         left, top, right, bottom = draw.textbbox((0, 0), word, font=font)
@@ -137,10 +160,10 @@ def make_sample(seed: int, index: int) -> tuple[bytes, dict]:
 
 def make_synthetic_shards(out_dir: str | Path, num: int, seed: int = 0,
                           samples_per_shard: int = 256, prefix: str = "finecap-mini",
-                          progress: bool = True) -> list[Path]:
+                          progress: bool = True, spec: SceneSpec = SceneSpec()) -> list[Path]:
     """Write `num` samples as shards in `out_dir`; returns the shard paths."""
     with ShardWriter(out_dir, prefix=prefix, max_samples_per_shard=samples_per_shard) as writer:
         for index in tqdm(range(num), desc="synthetic samples", unit="img", disable=not progress):
-            image_bytes, meta = make_sample(seed, index)
+            image_bytes, meta = make_sample(seed, index, spec)
             writer.write(f"{index:08d}", image_bytes, meta)
     return writer.written_shards

@@ -93,3 +93,30 @@ def test_library_entry_point_matches_cli_layout(tmp_path):
     assert [p.name for p in shards] == [f"finecap-mini-00000{i}.tar" for i in range(3)]
     keys = [k for p in shards for k, _, _ in iter_shard(p)]
     assert keys == [f"{i:08d}" for i in range(5)]
+
+
+def test_scene_spec_square_images_with_large_shapes(tmp_path):
+    """The quick start's grounding set: fixed square images, at most two shapes of 30-60% of
+    the side (their centre pixels still show the named colour), at most one word; the CLI flags
+    reach it and reject an impossible scene."""
+    from megatron_finevit.data.synthetic import SceneSpec
+
+    spec = SceneSpec(square_size=224, shape_scale=(0.3, 0.6), max_shapes=2, max_words=1)
+    for index in range(20):
+        image_bytes, meta = make_sample(seed=5, index=index, spec=spec)
+        image = np.asarray(Image.open(io.BytesIO(image_bytes)).convert("RGB")).astype(int)
+        assert image.shape[:2] == (224, 224) == (meta["height"], meta["width"])
+        assert 1 <= len(meta["regions"]) <= 2 and len(meta["ocr"]) <= 1
+        for region in meta["regions"]:
+            x1, y1, x2, y2 = region["box"]
+            assert 0.3 * 224 - 1 <= x2 - x1 <= 0.6 * 224
+            colour = region["caption"].split()[1]
+            assert np.abs(image[(y1 + y2) // 2, (x1 + x2) // 2] - COLORS[colour]).max() < 40
+    assert make_sample(seed=5, index=0) != make_sample(seed=5, index=0, spec=spec)
+    run = [sys.executable, str(REPO / "tools/make_synthetic_data.py"), "--out", str(tmp_path / "s"),
+           "--num", "3", "--square-size", "224", "--shape-scale", "0.3", "0.6", "--max-shapes", "2"]
+    subprocess.run(run, check=True, capture_output=True)
+    shard_meta = [m for _, _, m in iter_shard(list_shards(tmp_path / "s")[0])]
+    assert [(m["height"], m["width"]) for m in shard_meta] == [(224, 224)] * 3
+    bad = subprocess.run(run[:-4] + ["0.7", "0.2"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "invalid scene" in bad.stderr
