@@ -42,10 +42,23 @@ def expected_phases(raw: dict) -> list[tuple[int, int]]:
     return [(s, max(i for i, r in enumerate(resolution) if r <= s)) for s in starts if s < steps]
 
 
-@pytest.mark.parametrize("config", EXAMPLES, ids=lambda p: p.stem)
-def test_example_config_starts_at_its_world_size(config, tmp_path):
+def pack_budget(raw: dict) -> tuple[int, float, list[float]]:
+    """(tokens per pack, fill, mean tokens per sample of each resolution phase) a config states:
+    FineViT packs count ViT tokens; Stage III packs count LLM tokens (image placeholders + text,
+    one resolution phase)."""
+    from megatron_finevit.training.stages.align import AlignDataSection
     from megatron_finevit.training.stages.vision import DataSection
 
+    data = raw["stage_config"]["data"]
+    if raw["stage"] == "align":
+        return (data["llm_tokens"], data.get("min_fill", AlignDataSection().min_fill),
+                [data["mean_llm_tokens_per_sample"]])
+    return (data["pack_tokens"], data.get("min_fill", DataSection().min_fill),
+            data["mean_tokens_per_sample"])
+
+
+@pytest.mark.parametrize("config", EXAMPLES, ids=lambda p: p.stem)
+def test_example_config_starts_at_its_world_size(config, tmp_path):
     world = sbatch_world_size(config.name)
     assert (world is None) == config.stem.endswith("_tiny")  # paper configs have an sbatch
     world = world or 2
@@ -55,19 +68,17 @@ def test_example_config_starts_at_its_world_size(config, tmp_path):
     pairs = report(proc)
     values = dict(pairs)
     raw = yaml.safe_load(config.read_text())
-    data, gbs = raw["stage_config"]["data"], raw["global_batch_size"]
+    gbs, (pack_tokens, fill, means) = raw["global_batch_size"], pack_budget(raw)
     p = raw["parallel"]
     dp = world // (p["tensor_parallel"] * p["pipeline_parallel"] * p["context_parallel"])
     assert int(values["world_size"]) == world and int(values["data_parallel"]) == dp
     assert int(values["micro_batches_per_rank"]) * dp == gbs
-    assert int(values["tokens_per_step"]) == gbs * data["pack_tokens"]
-    fill = data.get("min_fill", DataSection().min_fill)
+    assert int(values["tokens_per_step"]) == gbs * pack_tokens
     phases = expected_phases(raw)
     starts = [start for start, _ in phases]
     assert [int(v) for v in phase_values(pairs, "phase_start_step")] == starts
     assert set(phase_values(pairs, "samples_estimate")) == {"config"}
-    samples = [round(gbs * data["pack_tokens"] * fill / data["mean_tokens_per_sample"][r])
-               for _, r in phases]
+    samples = [round(gbs * pack_tokens * fill / means[r]) for _, r in phases]
     assert [int(v) for v in phase_values(pairs, "samples_per_step")] == samples
     lengths = [b - a for a, b in zip(starts, starts[1:] + [raw["train_steps"]])]
     assert int(values["total_samples"]) == sum(n * k for n, k in zip(samples, lengths))

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import re
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from slurm_jobs import check_requeued_and_resumed, check_uninterrupted, wait_for_log
 
 from megatron_finevit.testing.local_slurm import LocalSlurm, missing
 
@@ -65,12 +65,6 @@ exec {repo}/slurm/launch.sh {config}
 """
 
 
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    with LocalSlurm(tmp_path_factory.mktemp("slurm")) as cluster:
-        yield cluster
-
-
 def _submit(slurm: LocalSlurm, root: Path, linger_s: float = 0) -> tuple[int, Path]:
     root.mkdir()
     config = root / "run.yaml"
@@ -85,46 +79,19 @@ def _submit(slurm: LocalSlurm, root: Path, linger_s: float = 0) -> tuple[int, Pa
     return slurm.sbatch([f"--chdir={root}", str(job)], env=env), log
 
 
-def _losses(log_text: str) -> dict[int, float]:
-    """step -> logged loss, parsed from its full repr (the last run's value for a step logged
-    twice)."""
-    return {int(step): float(loss)
-            for step, loss in re.findall(r"step\s+(\d+) \| loss (\S+)", log_text)}
-
-
-def _wait_for(path: Path, pattern: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if path.exists() and re.search(pattern, path.read_text()):
-            return
-        time.sleep(0.5)
-    raise TimeoutError(f"{pattern!r} not in {path} after {timeout_s:.0f} s:\n"
-                       + (path.read_text()[-3000:] if path.exists() else "(no log)"))
-
-
 def test_preempted_job_is_requeued_and_resumes(slurm, tmp_path):
     # the uninterrupted job: the reference losses
     job, log = _submit(slurm, tmp_path / "uninterrupted")
     slurm.wait_until_gone(job, timeout_s=240)
-    reference = log.read_text()
-    assert "rank 1/2 (local 1) via slurm" in reference, reference[-3000:]
-    assert sorted(_losses(reference)) == list(range(1, STEPS + 1)), reference[-3000:]
+    reference = check_uninterrupted(log.read_text(), STEPS)
 
     # the same job, signalled as Slurm signals it before the time limit
     job, log = _submit(slurm, tmp_path / "preempted", linger_s=LINGER_S)
-    _wait_for(log, r"step\s+5 \|", timeout_s=120)
+    wait_for_log(log, r"step\s+5 \|", timeout_s=120)
     slurm.run(["scancel", "--batch", "--signal=USR1", str(job)])
     slurm.wait_until_gone(job, timeout_s=240)
     text = log.read_text()
-    assert "USR1 received" in text and "requeueing job" in text, text[-3000:]
     srun_rc = re.search(r"launch.sh: srun exited (\d+)", text)
     assert srun_rc and int(srun_rc.group(1)) != 3, "task 1 did not exit last: " + text[-3000:]
-    stop = re.search(r"stopping at step (\d+) on signal \(checkpoint saved\)", text)
-    assert stop and int(stop.group(1)) < STEPS, text[-3000:]
-    assert re.search(rf"resumed from \S+iter_{int(stop.group(1)):07d} at step", text), text[-3000:]
-    assert (tmp_path / "preempted" / "ckpt" / "latest").read_text().strip().endswith(
-        f"iter_{STEPS:07d}")
-    assert not list((tmp_path / "preempted").glob(".finevit-requeue-*")), "marker left behind"
     # the resumed run ends exactly as the uninterrupted one: every step's loss, all its digits
-    assert len(re.search(r"loss (\S+)", reference).group(1)) > 10, "losses logged rounded"
-    assert _losses(text) == _losses(reference)
+    check_requeued_and_resumed(text, tmp_path / "preempted", STEPS, reference)
