@@ -92,7 +92,10 @@ def evaluation_config(args) -> TrainConfig:
                         "Stage II (contrastive) or Stage III (align) checkpoint or --config")
     elif args.task != "all" and TASK_STAGES[args.task] != cfg.stage:
         problems.append(f"--task {args.task} does not apply to a {cfg.stage} run")
-    if cfg.stage == "align":  # the checkpoint sets every weight: the initial pieces are not read
+    if cfg.stage == "align" and not checkpoint_problems and \
+            checkpoint_config(args.checkpoint).get("stage") == "align":
+        # a Stage III checkpoint sets every weight: the initial pieces are not read (another
+        # stage's checkpoint, e.g. Stage II's, loads over them: the model Stage III starts from)
         cfg.stage_config.pop("vit_init_dir", None)
         cfg.stage_config.pop("llm_init_dir", None)
     cfg.train_steps, cfg.global_batch_size = 0, 1

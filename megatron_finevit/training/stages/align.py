@@ -13,8 +13,8 @@ Initialisation (``build_model``), each piece checked and named when it is missin
   (its ``model_config.json`` must describe this run's LLM);
 * the projector fresh.
 
-A resume, or ``checkpoint.load_dir`` (a whole FineViT-VL checkpoint, e.g. a Stage III run for
-SFT), sets every weight instead: then these two are not read.
+A resume sets every weight instead: then these two are not read. ``checkpoint.load_dir`` (e.g.
+a Stage III run for SFT) is loaded after them and overwrites the weights it holds.
 
 Trainable policy, per module (``vit``, ``projector``, ``llm``): ``train_from`` (the step it starts
 training; None: frozen throughout) and ``lr_mult`` (its learning rate over ``optim.lr``, the
@@ -291,12 +291,13 @@ class AlignStage:
         return model
 
     def _weights_come_from_a_checkpoint(self) -> bool:
-        """Whether the trainer overwrites every weight after the build (a resume, or
-        ``checkpoint.load_dir``): then the initial pieces are not read."""
+        """Whether the trainer resumes (and so overwrites every weight after the build): then
+        the initial pieces are not read. ``checkpoint.load_dir`` overwrites only the weights it
+        holds, after these."""
         from megatron_finevit.training.checkpointing import latest_checkpoint
 
         ck = self.run.checkpoint
-        return bool(ck.load_dir) or bool(ck.dir and ck.resume and latest_checkpoint(ck.dir))
+        return bool(ck.dir and ck.resume and latest_checkpoint(ck.dir))
 
     def _gradient_gate(self, module: str):
         """A tensor hook that zeroes a frozen module's gradients before they are accumulated."""
