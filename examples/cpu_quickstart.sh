@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The CPU quick start (the README's main job): FineViT Stage I (MIM against a tiny DINOv3 teacher)
-# then Stage II (SigLIP contrastive, initialised from Stage I) on 2 gloo ranks, with image<->text
-# retrieval on a held-out synthetic split before and after Stage II.
+# The CPU quick start (the README's main job): FineViT Stage I (MIM against a tiny DINOv3 teacher),
+# Stage II (SigLIP contrastive, initialised from Stage I) and Stage III (LLM alignment on region QA
+# with a tiny random Qwen3, from Stage II's encoder) on 2 gloo ranks, with held-out image<->text
+# retrieval before and after Stage II and held-out grounding before and after Stage III.
 #
 #   bash examples/cpu_quickstart.sh [RUN_DIR]      (default runs/quickstart; data is reused)
 set -euo pipefail
@@ -11,37 +12,57 @@ RUN=${1:-runs/quickstart}
 PY=.venv/bin/python
 start=$(date +%s)
 
-# 1. data: FineCap-mini synthetic shards (train + held-out eval split), indexed
-for split in "train 1536 0" "eval 256 1"; do
+# 1. data: FineCap-mini synthetic shards (train + held-out eval split), and for Stage III a
+#    grounding set (224² scenes, one or two large shapes, at most one word), indexed
+grounding="--square-size 224 --shape-scale 0.3 0.6 --max-shapes 2 --max-words 1"
+for split in "train 1536 0" "eval 256 1" "align_train 3072 10 $grounding" "align_eval 256 11 $grounding"; do
   set -- $split
   if [ ! -f "$RUN/data/$1/index.zarr/zarr.json" ]; then
-    $PY tools/make_synthetic_data.py --out "$RUN/data/$1" --num "$2" --seed "$3"
+    $PY tools/make_synthetic_data.py --out "$RUN/data/$1" --num "$2" --seed "$3" "${@:4}"
     $PY tools/build_index.py "$RUN/data/$1"
   fi
 done
 # 2. the tiny random DINOv3 teacher (the real one cannot be downloaded here) and the tokenizer
 [ -f "$RUN/teacher/config.json" ] || $PY tools/make_tiny_teacher.py "$RUN/teacher"
 [ -f "$RUN/tokenizer.model" ] || $PY tools/train_caption_tokenizer.py "$RUN/data/train" "$RUN/tokenizer.model"
-rm -rf "$RUN/stage1" "$RUN/stage2"
+# 3. the LLM: a tiny random Qwen3 in transformers format (Qwen3-1.7B cannot be downloaded here),
+#    converted once to megatron as a user converts the real one
+[ -f "$RUN/qwen3_hf/config.json" ] || $PY tools/make_tiny_qwen3.py "$RUN/qwen3_hf" --layers 2
+[ -f "$RUN/qwen3_mcore/model_config.json" ] || $PY tools/convert_checkpoint.py hf-to-mcore \
+  --model qwen3 --hf-dir "$RUN/qwen3_hf" --mcore-dir "$RUN/qwen3_mcore" >/dev/null
+rm -rf "$RUN/stage1" "$RUN/stage2" "$RUN/stage3"
 
 paths="stage_config.data.dir=$RUN/data/train"
-# 3. Stage I: masked image modelling, DP=2
+# 4. Stage I: masked image modelling, DP=2
 .venv/bin/torchrun --nproc-per-node 2 -m megatron_finevit.train --config examples/stage1_mim_tiny.yaml \
   $paths stage_config.teacher_dir="$RUN/teacher" stage_config.eval_data_dir="$RUN/data/eval" \
   checkpoint.dir="$RUN/stage1"
 
-# 4. retrieval of the model Stage II starts from (Stage I's ViT, fresh heads and text tower)
+# 5. retrieval of the model Stage II starts from (Stage I's ViT, fresh heads and text tower)
 s2="$paths stage_config.tokenizer=$RUN/tokenizer.model stage_config.eval_data_dir=$RUN/data/eval"
 $PY -m megatron_finevit.evaluate --checkpoint "$RUN/stage1" --config examples/stage2_contrastive_tiny.yaml \
   --data "$RUN/data/eval" --json "$RUN/eval_before.json" $s2 >/dev/null
 
-# 5. Stage II: contrastive, DP=2, from Stage I's weights
+# 6. Stage II: contrastive, DP=2, from Stage I's weights
 .venv/bin/torchrun --nproc-per-node 2 -m megatron_finevit.train --config examples/stage2_contrastive_tiny.yaml \
   $s2 checkpoint.dir="$RUN/stage2" checkpoint.load_dir="$RUN/stage1" eval.at_start=false eval.at_end=false
 
-# 6. retrieval after Stage II, and the table
+# 7. retrieval after Stage II
 $PY -m megatron_finevit.evaluate --checkpoint "$RUN/stage2" --data "$RUN/data/eval" \
   --json "$RUN/eval_after.json" $s2 >/dev/null
+
+# 8. grounding of the model Stage III starts from (Stage II's encoder, the converted Qwen3, a fresh
+#    projector), Stage III (DP=2), grounding after it
+s3="stage_config.data.dir=$RUN/data/align_train stage_config.eval_data_dir=$RUN/data/align_eval
+    stage_config.vit_init_dir=$RUN/stage2 stage_config.llm_init_dir=$RUN/qwen3_mcore"
+$PY -m megatron_finevit.evaluate --checkpoint "$RUN/stage2" --config examples/stage3_align_tiny.yaml \
+  --data "$RUN/data/align_eval" --task align --json "$RUN/align_before.json" $s3 >/dev/null
+.venv/bin/torchrun --nproc-per-node 2 -m megatron_finevit.train --config examples/stage3_align_tiny.yaml \
+  $s3 checkpoint.dir="$RUN/stage3"
+$PY -m megatron_finevit.evaluate --checkpoint "$RUN/stage3" --data "$RUN/data/align_eval" --task align \
+  --json "$RUN/align_after.json" >/dev/null
+
+# 9. the tables
 $PY - "$RUN" "$(( $(date +%s) - start ))" <<'PYEOF'
 import json, sys
 run, seconds = sys.argv[1], int(sys.argv[2])
@@ -57,6 +78,22 @@ if "zero_shot_top1" in after:
     print(f"zero-shot colour+shape top-1 ({int(after['zero_shot_images'])} single-shape images): before "
           f"{100 * before.get('zero_shot_top1', 0):.1f}%, after {100 * after['zero_shot_top1']:.1f}%, "
           f"chance {100 * after['zero_shot_chance_top1']:.1f}%")
+before3, after3 = (json.load(open(f"{run}/align_{w}.json")) for w in ("before", "after"))
+print(f"\nheld-out Stage III QA ({int(after3['grounding_n'])} grounding questions, "
+      f"{int(after3['region_caption_n'])} region-caption questions):")
+print(f"{'':44s}{'before':>8s}{'after':>8s}{'baseline':>10s}")
+for label, key, base in (("grounding acc@IoU0.5 (caption -> box)", "grounding_acc",
+                          "grounding_baseline"),
+                         ("region caption exact match (box -> text)", "region_caption_em",
+                          "region_caption_baseline_em")):
+    print(f"{label:44s}" + "".join(f"{100 * r[key]:7.1f}%" for r in (before3, after3))
+          + f"{100 * after3[base]:9.1f}%")
+print("(baselines: the mean ground-truth box; the most frequent answer)")
+print(f"align_grounding_acc_before={before3['grounding_acc']:.4f}")
+print(f"align_grounding_acc={after3['grounding_acc']:.4f}")
+print(f"align_grounding_baseline={after3['grounding_baseline']:.4f}")
+print(f"align_region_caption_em={after3['region_caption_em']:.4f}")
+print(f"align_region_caption_baseline_em={after3['region_caption_baseline_em']:.4f}")
 print(f"wall time {seconds // 60} min {seconds % 60} s")
 if after["i2t_r1"] < 5 / n or after["t2i_r1"] < 5 / n:
     sys.exit("retrieval R@1 is not well above chance: the run did not learn")

@@ -92,7 +92,7 @@ class _Pack:
     """
 
     def __init__(self, requests: Sequence[GenerationRequest], max_new_tokens: int,
-                 seq_length: int, pad_id: int, vit_tokens: int | None):
+                 seq_length: int, pad_id: int):
         layout = pack_layout([r.segment_length(max_new_tokens) for r in requests], seq_length)
         self.cu_seqlens = layout.cu_seqlens
         self.ids = torch.full((seq_length,), pad_id, dtype=torch.int64)
@@ -100,7 +100,7 @@ class _Pack:
         for request, start in zip(requests, starts.tolist()):
             self.ids[start:start + len(request.prompt)] = torch.as_tensor(request.prompt)
         self.positions = segment_positions(self.cu_seqlens)
-        self.images: PackedImages = pack_images([r.image for r in requests], pad_to=vit_tokens)
+        self.images: PackedImages = pack_images([r.image for r in requests])  # no ViT padding
         self.slot = starts + torch.tensor([len(r.prompt) for r in requests])
         self.generated: list[list[int]] = [[] for _ in requests]
         self.running = torch.ones(len(requests), dtype=torch.bool)
@@ -136,7 +136,7 @@ def greedy_generate(model_chunks: list, requests: Sequence[GenerationRequest], *
         image_token_id: the image placeholder, never generated (transformers:
             ``suppress_tokens=[image_token_id]``).
         stop_ids: ids that end a request (not returned), e.g. ``<|im_end|>``, ``<|endoftext|>``.
-        vit_tokens: ViT patches per pack (fixed, padded); None: each pack's own total.
+        vit_tokens: ViT patches per pack at most (not padded, as in training); None: no bound.
 
     Returns the generated ids per request, in request order, on every rank of the
     model-parallel group. Every rank of that group must pass the same requests.
@@ -150,8 +150,8 @@ def greedy_generate(model_chunks: list, requests: Sequence[GenerationRequest], *
         raise ValueError(f"seq_length={seq_length} must be a multiple of tensor_parallel="
                          f"{config.tensor_model_parallel_size} under sequence parallelism")
     plan = plan_packs(requests, max_new_tokens, seq_length, vit_tokens)
-    packs = [_Pack([requests[i] for i in indices], max_new_tokens, seq_length, pad_id,
-                   vit_tokens) for indices in plan]
+    packs = [_Pack([requests[i] for i in indices], max_new_tokens, seq_length, pad_id)
+             for indices in plan]
     training = [chunk.training for chunk in model_chunks]
     for chunk in model_chunks:
         chunk.eval()

@@ -116,6 +116,24 @@ def _sharded_state(model, optimizer, is_loading: bool, with_rank_states: bool, r
     return state
 
 
+def _drop_absent_factories(model_sd: dict, path) -> list[str]:
+    """Remove (in place) the sharded-tensor factories of ``model_sd`` whose tensor the checkpoint
+    at ``path`` lacks; returns their keys. A weights-only load tolerates absent plain tensors
+    (``StrictHandling.RETURN_ALL``) but not absent factories (e.g. a gated MLP's fc1 split into
+    gate and up): megatron's ``apply_factory_merges`` fails on them. So a Stage III model (its LLM
+    has gated MLPs) can start from a Stage II checkpoint, which holds only the encoder's."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+    from torch.distributed.checkpoint import FileSystemReader
+
+    with reading_checkpoint(path):
+        stored = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    absent = [name for name, item in model_sd.items()
+              if isinstance(item, ShardedTensorFactory) and item.key not in stored]
+    for name in absent:
+        del model_sd[name]
+    return absent
+
+
 def _materialise_optimizer_state(optimizer) -> None:
     """Give every parameter of a fresh torch Adam its (zero) state, ``step`` included.
 
@@ -245,12 +263,13 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, weights_only:
         # lacks keep their fresh initialisation, parameters it has and the model lacks are left.
         from megatron.core.dist_checkpointing.validation import StrictHandling
 
+        absent = _drop_absent_factories(template["model"], path)
         # megatron's naming: "missing" = in the checkpoint, not asked for; "unexpected" = asked
         # for, not in the checkpoint (those keep their fresh initialisation).
         with reading_checkpoint(path):
             loaded, unused, fresh = dist_checkpointing.load(
                 template, str(path), strict=StrictHandling.RETURN_ALL)
-        fresh = sorted(fresh)
+        fresh = sorted(set(fresh) | set(absent))
         model.load_state_dict(loaded["model"], strict=not fresh)
         log.info("checkpoint: initialised weights from %s; %d tensors kept their fresh "
                  "initialisation%s; %d tensors of the checkpoint unused", path, len(fresh),

@@ -32,6 +32,8 @@ LAYOUTS = {"tp2_sp": dict(tp=2, sp=True), "pp2": dict(pp=2, first_stage_llm_laye
 SWITCH = 2  # the encoder starts training here
 RESUME_STEPS = 4
 POLICIES = {"vit_policy": {"train_from": SWITCH}, "projector_policy": {"lr_mult": 5.0}}
+GENERATION_QUESTION = "Where is a red circle? Answer with a bounding box."
+GENERATION_TOKENS = 12
 
 
 class Interleaved:
@@ -106,6 +108,31 @@ def single_rank_world(rank, world_size, assets, stage_assets, dirs):
             torch.equal(a[(k, None)], b[(o, None)]) for k, o in zip(keys, ours))
         out[f"init_tensors_{prefix or 'llm'}"] = len(keys)
 
+    # the initial Stage III checkpoint (a trainer's) exported to transformers; megatron's greedy
+    # answer to a held-out question, for the export to reproduce (test below)
+    from megatron_finevit.convert.pipeline import megatron_to_hf
+    from megatron_finevit.data.decode_pil import decode_pil
+    from megatron_finevit.data.index import load_index
+    from megatron_finevit.data.loader import SampleReader
+    from megatron_finevit.data.tasks.multimodal import image_llm_tokens
+    from megatron_finevit.evaluation.generation import GenerationRequest, greedy_generate
+
+    stage = get_stage("align")(_config(assets, 0))
+    megatron_to_hf("finevit-vl", str(latest_checkpoint(dirs["init"])), dirs["hf"],
+                   config=stage.vl, progress=False)
+    reader = SampleReader(load_index(assets["eval"]))
+    image_bytes, _ = reader.read(0)
+    reader.close()
+    image = decode_pil(image_bytes, stage.data_config.policy, stage.norm)
+    prompt = stage.template.encode_prompt(GENERATION_QUESTION, image_llm_tokens(image))
+    trainer = Trainer(_config(assets, 0, dirs["init"]))
+    (ids,) = greedy_generate(trainer.model, [GenerationRequest(image, prompt)],
+                             max_new_tokens=GENERATION_TOKENS, seq_length=256,
+                             vocab_size=stage.vl.llm.vocab_size, pad_id=stage.template.pad_id,
+                             image_token_id=stage.vl.image_token_id, vit_tokens=256,
+                             stop_ids=[stage.template.tokenizer.token_id("<|im_end|>")])
+    out["generation"] = {"image": image_bytes, "prompt": prompt, "ids": ids}
+
     # a mismatched piece is one clear error naming it
     for name, changes in (("llm", dict(llm_init_dir=assets["llm_init"],
                                        llm_overrides={"num_layers": 3})),
@@ -164,29 +191,58 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("stage_align")
     assets = make_align_assets(root / "assets")
     stage_assets = make_stage_assets(root / "stage_assets", num_train=32, num_eval=8)
-    dirs = {k: str(root / k) for k in ("stage2", "init", "resume")}
+    dirs = {k: str(root / k) for k in ("stage2", "init", "resume", "hf")}
     (single,) = run_world(single_rank_world, 1, args=(assets, stage_assets, dirs), timeout_s=900)
     pair = run_world(layouts_world, 2, args=(assets, dirs), timeout_s=1200)
-    return single, pair
+    return single, pair, dirs
 
 
 def test_initialisation_reads_stage2_encoder_and_converted_llm(runs):
-    single, _ = runs
+    single, _, _ = runs
     assert single["init_tensors_encoder."] > 5 and single["init_equal_encoder."]
     assert single["init_tensors_llm"] > 5 and single["init_equal_llm"]
 
 
 def test_mismatched_initial_pieces_are_named(runs):
-    single, _ = runs
+    single, _, _ = runs
     assert "another Qwen3 than stage_config.llm describes: num_layers 2 (run: 3)" in \
         single["error_llm"]
     assert "does not hold this run's FineViT encoder" in single["error_vit"]
     assert "other shapes" in single["error_vit"]
 
 
+def test_exported_checkpoint_generates_megatrons_tokens_through_the_processor(runs):
+    """A Stage III trainer checkpoint exported with mcore-to-hf loads with AutoProcessor and
+    AutoModelForImageTextToText; on a held-out synthetic image the processor gives the prompt
+    megatron was given, and greedy generate() gives megatron's greedy tokens."""
+    import io
+
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import megatron_finevit.hf  # noqa: F401  (registers the Auto classes)
+
+    single, _, dirs = runs
+    generation = single["generation"]
+    processor = AutoProcessor.from_pretrained(dirs["hf"])
+    model = AutoModelForImageTextToText.from_pretrained(dirs["hf"]).eval()
+    messages = [{"role": "user", "content": [{"type": "image"},
+                                             {"type": "text", "text": GENERATION_QUESTION}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    image = Image.open(io.BytesIO(generation["image"]))
+    inputs = processor(images=[image], text=[text], return_tensors="pt")
+    assert inputs["input_ids"][0].tolist() == generation["prompt"]
+    out = model.generate(**inputs, max_new_tokens=GENERATION_TOKENS, do_sample=False,
+                         suppress_tokens=[model.config.image_token_id])
+    hf_ids = out[0, inputs["input_ids"].shape[1]:].tolist()
+    if hf_ids[-1:] == [model.generation_config.eos_token_id]:  # megatron returns no stop id
+        hf_ids = hf_ids[:-1]
+    assert len(generation["ids"]) > 0 and hf_ids == generation["ids"]
+
+
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_losses_equal_single_rank(runs, name):
-    single, pair = runs
+    single, pair, _ = runs
     reference = single["runs"]["dp_oracle" if name == "dp2" else "single"]
     assert single["skipped"] == 1  # the corrupt image was met and skipped
     assert len(set(reference)) == STEPS and reference[-1] < reference[0]  # it trains
@@ -197,7 +253,7 @@ def test_layout_losses_equal_single_rank(runs, name):
 
 
 def test_frozen_encoder_does_not_move_until_its_switch(runs):
-    _, pair = runs
+    _, pair, _ = runs
     for r in pair:
         # weights before step 1, after steps 1..4: unchanged while frozen (steps 0 and 1)
         assert r["frozen_until_switch"] == [True, True, True, False, False]
@@ -205,7 +261,7 @@ def test_frozen_encoder_does_not_move_until_its_switch(runs):
 
 @pytest.mark.parametrize("stop", [SWITCH - 1, SWITCH, SWITCH + 1])
 def test_resume_across_the_freeze_switch_is_exact(runs, stop):
-    _, pair = runs
+    _, pair, _ = runs
     for r in pair:
         assert r["resumed"][stop] == r["uninterrupted"]
 

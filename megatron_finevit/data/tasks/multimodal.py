@@ -1,10 +1,13 @@
 """Pack image conversations into one fixed-size multimodal micro-batch (THD in both towers).
 
 A pack holds ``k`` samples (one image + its conversation each) back to back in a fixed LLM token
-budget ``T`` and a fixed ViT patch budget ``V``; the tails are padding. Each sample is its own
+budget ``T`` (the tail is padding) and at most ``V`` ViT patches. The ViT side is not padded: the
+encoder runs whole on the first pipeline stage and its output never crosses a stage boundary, so
+its length may vary from pack to pack, and a padding segment would cost attention over itself
+(quadratic in its length: up to half a pack's ViT FLOPs). Each sample is its own
 attention segment in the LLM (``cu_seqlens``: causal within a sample, never across) and each
-image its own segment in the ViT (``PackedImages.cu_seqlens``); the padding tail is one more
-segment in each (``data.packing.pack_layout``'s convention), so real tokens never attend to it.
+image its own segment in the ViT (``PackedImages.cu_seqlens``); the LLM's padding tail is one more
+segment (``data.packing.pack_layout``'s convention), so real tokens never attend to it.
 Position ids restart at 0 in every segment. The images are in sample order, which is the order
 of their ``<|image_pad|>`` placeholders in ``input_ids``.
 """
@@ -49,8 +52,8 @@ class MultimodalBatch:
     max_seqlen: longest LLM segment (padding included).
     label_task: int64 ``[T]``, index into ``kinds`` of the task ``labels[t]`` belongs to, -1 where
         masked (per-task losses: ``loss[label_task == i]``).
-    images: ``PackedImages``: patches ``[V, 3·14·14]``, ``cu_seqlens`` per image then padding,
-        ``grids [k, 2]``.
+    images: ``PackedImages``: patches ``[N <= V, 3·14·14]`` (the images' own, no padding),
+        ``cu_seqlens`` per image, ``grids [k, 2]``.
     keys: sample keys; task_kinds: per sample, the kinds of its turns in order.
     kinds: the task-kind names ``label_task`` indexes.
     skipped: skip counts at the time the batch was made (reason -> samples).
@@ -95,7 +98,9 @@ def pack_multimodal(samples: Sequence[MultimodalSample], llm_tokens: int, vit_to
             raise ValueError(f"sample {sample.key}: {sample.conversation.num_image_tokens} "
                              f"image placeholders for an image of {windows} merge windows")
     layout = pack_layout([len(s.conversation) for s in samples], llm_tokens)
-    images = pack_images([s.image for s in samples], pad_to=vit_tokens)
+    images = pack_images([s.image for s in samples])
+    if len(images.patches) > vit_tokens:
+        raise ValueError(f"{len(images.patches)} patches do not fit the ViT budget {vit_tokens}")
 
     input_ids = torch.full((llm_tokens,), pad_id, dtype=torch.int64)
     labels = torch.full((llm_tokens,), IGNORE_INDEX, dtype=torch.int64)

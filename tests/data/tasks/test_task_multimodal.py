@@ -87,14 +87,15 @@ def test_labels_never_cross_a_sample(template, samples):
 def test_images_follow_their_placeholders(template, samples):
     batch = pack_multimodal(samples, 400, 200, template.pad_id, TASK_KINDS)
     packed = batch.images
-    assert packed.patches.shape == (200, 3 * 14 * 14)
+    assert packed.patches.shape == (56, 3 * 14 * 14)  # the images' own patches: no ViT padding
     assert packed.grids.tolist() == [[h // 14, w // 14] for h, w in SIZES]
     bounds = packed.cu_seqlens.tolist()
-    assert bounds == [0, 24, 32, 56, 200]  # images, then the padding segment
+    assert bounds == [0, 24, 32, 56]
     for i, sample in enumerate(samples):
         assert torch.equal(packed.patches[bounds[i]:bounds[i + 1]],
                            image_to_patches(sample.image)[0])
-    assert not packed.patches[56:].any()
+    with pytest.raises(ValueError, match="56 patches do not fit the ViT budget 55"):
+        pack_multimodal(samples, 400, 55, template.pad_id, TASK_KINDS)
     # Placeholders in input_ids, in order, belong to samples 0, 0, ..., 1, 1, 2, ...
     segment = torch.bucketize(torch.arange(400), batch.cu_seqlens[1:].long(), right=True)
     owners = segment[batch.input_ids == template.image_token_id].tolist()
