@@ -32,8 +32,8 @@ step (which goes first alternates too). Tokens/s count real LLM tokens (image pl
 text, no padding) over the summed wall-clock seconds; ``vlm_ratio_vs_hf`` is ours over theirs,
 ``vlm_cpu_time_ratio_vs_hf`` the same from process CPU seconds (steadier on a shared machine).
 To tell where a difference comes from: ``vlm_flops_computed_over_real_*``, the FLOPs each side
-computes (``planning.flops``, padding included: our packs' ViT and LLM padding tails are a
-segment each, transformers' rows run to the batch's longest) over the real work, and
+computes (``planning.flops``, padding included: our packs' LLM padding tail is a segment, the
+ViT side is not padded, transformers' rows run to the batch's longest) over the real work, and
 ``vlm_gflops_per_s_*``, each side's rate on what it computes.
 
 DP imbalance. ``--dp-samples-per-rank`` x ``--dp-size`` sample sizes are drawn the same way at
@@ -333,11 +333,10 @@ def throughput(args, out) -> None:
     rates = {name: tokens / max(s, 1e-9) for name, s in seconds.items()}
 
     def pack_flops(pack: list[int], padding: bool) -> float:
-        """FLOPs of a pack; ``padding``: with what the model computes on the padding tails (a
-        segment each, as ``pack_multimodal`` lays them out)."""
+        """FLOPs of a pack; ``padding``: with what the model computes on the LLM's padding
+        tail (a segment, as ``pack_multimodal`` lays it out; the ViT side is not padded)."""
         patches, lengths = sizes.patches[pack].tolist(), sizes.llm_tokens[pack].tolist()
         if padding:
-            patches += [args.vit_tokens - sum(patches)] if args.vit_tokens > sum(patches) else []
             lengths += [args.llm_tokens - sum(lengths)] if args.llm_tokens > sum(lengths) else []
         return vlm_flops(config, patches, lengths)
 
