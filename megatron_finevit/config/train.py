@@ -66,7 +66,7 @@ class EvalSection:
 
 @dataclass
 class TrainConfig:
-    stage: str = "mim"                # mim | contrastive | (align | sft: later issues)
+    stage: str = "mim"                # mim | contrastive | align (sft: a later issue)
     engine: str = "megatron"          # megatron | deepspeed (ZeRO-2, data parallel only)
     seed: int = 1234
     train_steps: int = 100

@@ -1,2 +1,3 @@
 """FineViT's training stages as trainer plug-ins (``training/stage.py``): Stage I masked image
-modelling (``mim``) and Stage II contrastive learning (``contrastive``)."""
+modelling (``mim``), Stage II contrastive learning (``contrastive``) and Stage III LLM alignment on
+region QA (``align``)."""
