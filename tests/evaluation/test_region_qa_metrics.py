@@ -109,6 +109,9 @@ def test_eval_questions_are_fixed_per_image():
     assert ocr.question == PARAPHRASES[BBOX_TO_OCR][0].format(box="[750, 0, 1000, 100]")
     assert ocr.truth == "hello"
     assert eval_questions(META, key="k0", **kwargs) == questions
+    # eval_kinds: a subset asks only those kinds, and draws the same questions for them
+    assert eval_questions(META, key="k0", kinds=[BBOX_TO_CAPTION, BBOX_TO_OCR],
+                          **kwargs) == [caption, ocr]
     # the region asked about depends on the sample key (and seed): every one comes up
     asked = {(q.question, q.truth) for i in range(24)
              for q in eval_questions(META, key=f"k{i}", **kwargs)[1:2]}
