@@ -393,7 +393,8 @@ class AlignStage:
         patches = [int(h) * int(w) for h, w in batch.images.grids.tolist()]
         placeholders = sum(patches) // 4
         flops = vlm_flops(self.vl, patches, lengths, vit_trainable=self.trainable["vit"],
-                          llm_trainable=self.trainable["llm"])
+                          llm_trainable=self.trainable["llm"],
+                          projector_trainable=self.trainable["projector"])
         return (float(batch.num_samples), float(sum(lengths)), flops,
                 {"image_tokens": float(sum(patches)),
                  "text_tokens": float(sum(lengths) - placeholders)})
