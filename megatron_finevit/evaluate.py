@@ -75,11 +75,11 @@ def evaluation_config(args) -> TrainConfig:
     )
 
     _, checkpoint_problems = published_checkpoint_problems("--checkpoint", args.checkpoint)
+    saved = None if checkpoint_problems else checkpoint_config(args.checkpoint)
     if args.config:
         cfg, problems = load_config_collecting(TrainConfig, args.config, args.overrides)
-    elif not checkpoint_problems:
-        cfg, problems = config_from_data(TrainConfig, checkpoint_config(args.checkpoint),
-                                         args.overrides)
+    elif saved is not None:
+        cfg, problems = config_from_data(TrainConfig, saved, args.overrides)
     else:
         cfg, problems = None, []
     if cfg is None:  # no config to check the rest against: report what is known
@@ -92,8 +92,7 @@ def evaluation_config(args) -> TrainConfig:
                         "Stage II (contrastive) or Stage III (align) checkpoint or --config")
     elif args.task != "all" and TASK_STAGES[args.task] != cfg.stage:
         problems.append(f"--task {args.task} does not apply to a {cfg.stage} run")
-    if cfg.stage == "align" and not checkpoint_problems and \
-            checkpoint_config(args.checkpoint).get("stage") == "align":
+    if cfg.stage == "align" and saved is not None and saved.get("stage") == "align":
         # a Stage III checkpoint sets every weight: the initial pieces are not read (another
         # stage's checkpoint, e.g. Stage II's, loads over them: the model Stage III starts from)
         cfg.stage_config.pop("vit_init_dir", None)
