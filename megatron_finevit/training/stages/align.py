@@ -390,7 +390,7 @@ class AlignStage:
 
         bounds = batch.cu_seqlens.tolist()[: batch.num_samples + 1]
         lengths = [b - a for a, b in zip(bounds, bounds[1:])]
-        patches = [int(h) * int(w) for h, w in batch.images.grids.tolist()]
+        patches = batch.images.image_lengths
         placeholders = sum(patches) // 4
         flops = vlm_flops(self.vl, patches, lengths, vit_trainable=self.trainable["vit"],
                           llm_trainable=self.trainable["llm"],
