@@ -85,13 +85,21 @@ def test_preempted_job_is_requeued_and_resumes(slurm, tmp_path):
     slurm.wait_until_gone(job, timeout_s=240)
     reference = check_uninterrupted(log.read_text(), STEPS)
 
-    # the same job, signalled as Slurm signals it before the time limit
-    job, log = _submit(slurm, tmp_path / "preempted", linger_s=LINGER_S)
-    wait_for_log(log, r"step\s+5 \|", timeout_s=120)
-    slurm.run(["scancel", "--batch", "--signal=USR1", str(job)])
-    slurm.wait_until_gone(job, timeout_s=240)
-    text = log.read_text()
-    srun_rc = re.search(r"launch.sh: srun exited (\d+)", text)
-    assert srun_rc and int(srun_rc.group(1)) != 3, "task 1 did not exit last: " + text[-3000:]
-    # the resumed run ends exactly as the uninterrupted one: every step's loss, all its digits
-    check_requeued_and_resumed(text, tmp_path / "preempted", STEPS, reference)
+    # The same job, signalled as Slurm signals it before the time limit. Task 1 lingers so that
+    # srun reports its kill, not the trainer's 3; once in a while srun still reports 3 (both
+    # tasks' exits race inside slurmstepd), and then the race this test is about was not forced:
+    # that attempt is checked all the same and the job submitted once more.
+    for attempt in range(2):
+        root = tmp_path / f"preempted{attempt}"
+        job, log = _submit(slurm, root, linger_s=LINGER_S)
+        wait_for_log(log, r"step\s+5 \|", timeout_s=120)
+        slurm.run(["scancel", "--batch", "--signal=USR1", str(job)])
+        slurm.wait_until_gone(job, timeout_s=240)
+        text = log.read_text()
+        # the resumed run ends exactly as the uninterrupted one: every step's loss, all digits
+        check_requeued_and_resumed(text, root, STEPS, reference)
+        srun_rc = re.search(r"launch.sh: srun exited (\d+)", text)
+        assert srun_rc, text[-3000:]
+        if int(srun_rc.group(1)) != 3:
+            break
+    assert int(srun_rc.group(1)) != 3, "task 1 did not exit last, twice: " + text[-3000:]
