@@ -6,6 +6,7 @@ would be too slow, so `build_index` scans the shards once and stores, per usable
     height, width                    original size (after EXIF orientation), pixels
     resized_height, resized_width    ResizePolicy.target_size, pixels
     num_patches                      patch tokens after resizing (patch 14)
+    num_images                       images of the sample (1, or 0..n for conversations)
     caption_tokens                   token count of the global caption
     region_tokens, ocr_tokens        summed token counts of region captions / OCR strings
     num_regions, num_ocr             number of valid regions / OCR boxes
@@ -22,6 +23,10 @@ index format v1.2 listing only the samples that passed the checks, so DALI never
 the PIL path would skip). Rebuilding is incremental: only shards not yet recorded are read. A
 changed or removed shard, or a different policy / token counter, rebuilds the index from scratch.
 `load_index` refuses a stale index with `StaleIndexError`.
+
+A sample with several images (`shards` module docstring) records the size columns of its first
+image and `num_patches` summed over all of them; a text-only sample records 0 for all of these.
+Its DALI index line lists every image member, then the JSON.
 """
 
 from __future__ import annotations
@@ -41,13 +46,13 @@ from tqdm import tqdm
 from megatron_finevit.data.bad_samples import BadSampleCounter, BadSampleError
 from megatron_finevit.data.decode_pil import DEFAULT_MAX_DECODE_PIXELS, open_image
 from megatron_finevit.data.resize import ResizePolicy, num_patches
-from megatron_finevit.data.shards import iter_shard_records, list_shards
+from megatron_finevit.data.shards import iter_shard_samples, list_shards
 
 logger = logging.getLogger(__name__)
 
 INDEX_NAME = "index.zarr"
 DALI_INDEX_DIR = "dali_index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: num_images column, samples with 0..n images
 _CHUNK = 65536
 
 
@@ -72,6 +77,7 @@ class SampleIndex:
     resized_height: np.ndarray
     resized_width: np.ndarray
     num_patches: np.ndarray
+    num_images: np.ndarray
     caption_tokens: np.ndarray
     region_tokens: np.ndarray
     ocr_tokens: np.ndarray
@@ -205,18 +211,22 @@ def _scan_shard(path: Path, shard_id: int, policy: ResizePolicy, token_counter, 
                 counter: BadSampleCounter) -> tuple[dict[str, np.ndarray], list[str]]:
     rows = {name: [] for name in (*_INT_COLUMNS, "key")}
     dali_lines = []
-    for key, image_ext, image_bytes, meta, layout in iter_shard_records(path, counter):
+    for key, images, meta, layout in iter_shard_samples(path, counter):
         try:
-            _, height, width = open_image(image_bytes, max_decode_pixels)
-            resized_h, resized_w = policy.target_size(height, width)
+            sizes = []  # (height, width, resized height, resized width) per image
+            for _, image_bytes in images:
+                _, height, width = open_image(image_bytes, max_decode_pixels)
+                sizes.append((height, width, *policy.target_size(height, width)))
         except BadSampleError as err:
             counter.skip_error(err, shard=path.name, member=key)
             continue
         counter.ok()
+        height, width, resized_h, resized_w = sizes[0] if sizes else (0, 0, 0, 0)
         values = {
             "height": height, "width": width, "resized_height": resized_h,
             "resized_width": resized_w,
-            "num_patches": num_patches(resized_h, resized_w, policy.patch_size),
+            "num_patches": sum(num_patches(rh, rw, policy.patch_size) for _, _, rh, rw in sizes),
+            "num_images": len(sizes),
             "caption_tokens": token_counter(meta.get("caption", "")),
             "region_tokens": sum(token_counter(r["caption"]) for r in meta["regions"]),
             "ocr_tokens": sum(token_counter(o["text"]) for o in meta["ocr"]),
@@ -225,8 +235,9 @@ def _scan_shard(path: Path, shard_id: int, policy: ResizePolicy, token_counter, 
         }
         for name, value in values.items():
             rows[name].append(value)
-        dali_lines.append(" ".join(f"{ext} {offset} {size} {name}" for ext, (name, offset, size)
-                                   in ((image_ext, layout[image_ext]), ("json", layout["json"]))))
+        members = [ext for ext, _ in images] + ["json"]
+        dali_lines.append(" ".join(f"{ext} {layout[ext][1]} {layout[ext][2]} {layout[ext][0]}"
+                                   for ext in members))
     columns = {name: np.asarray(rows[name], dtype=np.int32) for name in _INT_COLUMNS}
     columns["key"] = np.asarray(rows["key"], dtype=str)
     return columns, dali_lines

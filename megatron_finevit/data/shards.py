@@ -18,6 +18,13 @@ Sample JSON schema (all coordinates in pixels of the *original* image, origin to
       ]
     }
 
+Samples with several images, or none (conversations, see `data/tasks/conversation.py`), list
+their images in the JSON instead of the top-level size, `"images": [{"width": int, "height": int,
+...}, ...]`, and store image `i` as member `{key}.{ext}` for i = 0 (the one-image layout above,
+so one-image readers still find it) and `{key}.{i}.{ext}` for i >= 1, before `{key}.json`. A
+sample with `"images": []` is only its JSON. The number of image members must equal the list's
+length ("image_count_mismatch" otherwise).
+
 Reading never trusts the file: truncated tars, members with unsafe paths (absolute or `..`),
 missing or invalid JSON, non-UTF-8 text and missing images are skipped and counted in a
 `BadSampleCounter`; boxes that are NaN, inverted or outside the image are dropped
@@ -42,6 +49,7 @@ from megatron_finevit.data.bad_samples import BadSampleCounter, BadSampleError
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+_NUMBERED_IMAGE_RE = re.compile(r"^(?:(?P<index>\d+)\.)?(?P<ext>jpg|jpeg|png|webp)$")
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 _SHARD_RE = re.compile(r"^(?P<prefix>.+)-(?P<num>\d{6})\.tar$")
 
@@ -93,16 +101,24 @@ class ShardWriter:
 
     def write(self, key: str, image_bytes: bytes, meta: dict, image_ext: str = "jpg") -> None:
         """Append one sample (`{key}.{image_ext}` then `{key}.json`)."""
+        self.write_images(key, [(image_bytes, image_ext)], meta)
+
+    def write_images(self, key: str, images: list[tuple[bytes, str]], meta: dict) -> None:
+        """Append one sample with any number of `(bytes, ext)` images (`meta["images"]` must
+        list them; see the module docstring for the member names)."""
         if not _KEY_RE.match(key):
             raise ValueError(f"sample key {key!r} must match {_KEY_RE.pattern} (no dots/slashes)")
-        if image_ext not in IMAGE_EXTS:
-            raise ValueError(f"image_ext {image_ext!r} not in {IMAGE_EXTS}")
+        if any(ext not in IMAGE_EXTS for _, ext in images):
+            raise ValueError(f"image extensions {[e for _, e in images]} not all in {IMAGE_EXTS}")
+        if len(images) != 1 and len(meta.get("images", ())) != len(images):
+            raise ValueError(f"meta must list the sample's {len(images)} images under 'images'")
         if key in self._keys:
             raise ValueError(f"duplicate sample key {key!r}")
         if self._tar is None:
             self._open_next()
         self._keys.add(key)
-        self._add_member(f"{key}.{image_ext}", image_bytes)
+        for i, (data, ext) in enumerate(images):
+            self._add_member(f"{key}.{ext}" if i == 0 else f"{key}.{i}.{ext}", data)
         self._add_member(f"{key}.json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))
         self._in_shard += 1
         if self._in_shard >= self.max_samples_per_shard:
@@ -204,7 +220,23 @@ def iter_shard_records(path: str | os.PathLike, counter: BadSampleCounter | None
     Yields `(key, image_ext, image_bytes, meta, layout)` where `layout` maps each member
     extension to `(member_name, data_offset, size)` (what a DALI index needs). Skips are counted
     here, but accepting a sample is left to the caller: call `counter.ok()` once it is used.
+    This is the one-image view: a sample's first image; samples without one are skipped as
+    "missing_image" (`iter_shard_samples` gives them all).
     """
+    counter = counter if counter is not None else BadSampleCounter(name=str(path))
+    for key, images, meta, layout in iter_shard_samples(path, counter):
+        if not images:
+            counter.skip("missing_image", shard=Path(path).name, member=key,
+                         detail="sample has no image")
+            continue
+        yield key, *images[0], meta, layout
+
+
+def iter_shard_samples(path: str | os.PathLike, counter: BadSampleCounter | None = None
+                       ) -> Iterator[tuple[str, list[tuple[str, bytes]], dict, dict]]:
+    """Yields `(key, images, meta, layout)` per usable sample, `images` = `[(ext, bytes)]` in
+    order (one for a one-image sample, 0..n for a sample whose meta lists `images`); otherwise as
+    `iter_shard_records`."""
     counter = counter if counter is not None else BadSampleCounter(name=str(path))
     shard = Path(path).name
     with open(path, "rb") as fileobj:  # a missing shard is a configuration error: raise
@@ -221,13 +253,13 @@ def _iter_parsed(tar: tarfile.TarFile, shard: str, counter: BadSampleCounter):
         with tar:
             for key, parts in _group_members(tar, shard, counter):
                 try:
-                    image_ext, image_bytes, meta = _parse_sample(key, parts)
+                    images, meta = _parse_sample(key, parts)
                     meta = validate_meta(meta, counter=counter, shard=shard, member=key)
                 except BadSampleError as err:
                     counter.skip_error(err, shard=shard, member=key)
                     continue
                 layout = {ext: p[:3] for ext, p in parts.items()}
-                yield key, image_ext, image_bytes, meta, layout
+                yield key, images, meta, layout
     except (tarfile.ReadError, EOFError, OSError) as err:
         # tarfile reports a cut-off archive as ReadError/EOFError; samples before it are kept.
         counter.skip("truncated_tar", shard=shard, detail=str(err))
@@ -246,12 +278,13 @@ def iter_shard(path: str | os.PathLike, counter: BadSampleCounter | None = None
         yield key, image_bytes, meta
 
 
-def _parse_sample(key: str, parts: dict[str, tuple]) -> tuple[str, bytes, dict]:
-    image_ext = next((ext for ext in IMAGE_EXTS if ext in parts), None)
-    if image_ext is None:
-        raise BadSampleError("missing_image", f"sample {key} has members {sorted(parts)}")
+def _parse_sample(key: str, parts: dict[str, tuple]) -> tuple[list[tuple[str, bytes]], dict]:
+    """`([(image ext, bytes)], meta)`; the JSON decides between the one-image layout and a
+    listed number of images (module docstring)."""
+    first_ext = next((ext for ext in IMAGE_EXTS if ext in parts), None)
     if "json" not in parts:
-        raise BadSampleError("missing_json", f"sample {key} has members {sorted(parts)}")
+        raise BadSampleError("missing_image" if first_ext is None else "missing_json",
+                             f"sample {key} has members {sorted(parts)}")
     try:
         text = parts["json"][3].decode("utf-8")
     except UnicodeDecodeError as err:
@@ -262,23 +295,44 @@ def _parse_sample(key: str, parts: dict[str, tuple]) -> tuple[str, bytes, dict]:
         raise BadSampleError("invalid_json", str(err)) from None
     if not isinstance(meta, dict):
         raise BadSampleError("invalid_json", f"top level is {type(meta).__name__}, not an object")
-    return image_ext, parts[image_ext][3], meta
+    listed = meta.get("images")
+    if listed is None:  # one-image sample: extra image members (if any) are ignored, as before
+        if first_ext is None:
+            raise BadSampleError("missing_image", f"sample {key} has members {sorted(parts)}")
+        return [(first_ext, parts[first_ext][3])], meta
+    numbered = {}
+    for ext in parts:
+        match = _NUMBERED_IMAGE_RE.match(ext)
+        if match:
+            numbered.setdefault(int(match["index"] or 0), []).append(ext)
+    if (not isinstance(listed, list) or sorted(numbered) != list(range(len(listed)))
+            or any(len(exts) > 1 for exts in numbered.values())):
+        raise BadSampleError("image_count_mismatch", f"sample {key} has image members "
+                             f"{sorted(e for x in numbered.values() for e in x)} for "
+                             f"{len(listed) if isinstance(listed, list) else listed!r} images")
+    return [(numbered[i][0], parts[numbered[i][0]][3]) for i in range(len(listed))], meta
 
 
 def validate_meta(meta: dict, counter: BadSampleCounter | None = None, shard: str = "",
                   member: str = "") -> dict:
     """Check the schema of one sample's metadata; returns a cleaned copy.
 
-    Raises BadSampleError("invalid_meta") for a wrong caption/width/height type. Regions and OCR
+    Raises BadSampleError("invalid_meta") for a wrong caption/width/height type (every entry of
+    `images` when the sample lists its images; boxes then refer to the first). Regions and OCR
     entries with bad boxes or text are dropped (counted in `counter`).
     """
     caption = meta.get("caption", "")
     if not isinstance(caption, str):
         raise BadSampleError("invalid_meta", f"caption is {type(caption).__name__}")
-    width, height = meta.get("width"), meta.get("height")
-    if not (isinstance(width, int) and isinstance(height, int)) or width < 1 or height < 1:
-        raise BadSampleError("invalid_meta", f"width/height must be positive ints, got "
-                                             f"{width!r}/{height!r}")
+    sizes = meta["images"] if "images" in meta else [meta]
+    if not isinstance(sizes, list) or not all(isinstance(s, dict) for s in sizes):
+        raise BadSampleError("invalid_meta", "images must be a list of objects")
+    for size in sizes:
+        width, height = size.get("width"), size.get("height")
+        if not (isinstance(width, int) and isinstance(height, int)) or width < 1 or height < 1:
+            raise BadSampleError("invalid_meta", f"width/height must be positive ints, got "
+                                                 f"{width!r}/{height!r}")
+    width, height = (sizes[0]["width"], sizes[0]["height"]) if sizes else (0, 0)
     out = dict(meta)
     for field, text_key in (("regions", "caption"), ("ocr", "text")):
         entries = meta.get(field, [])
