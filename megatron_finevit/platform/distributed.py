@@ -38,26 +38,53 @@ class DistEnv:
 
 def expand_slurm_nodelist(nodelist: str) -> list[str]:
     """Expand Slurm's compressed host list: 'gpu[001-003,007],login1' -> [gpu001, gpu002, gpu003,
-    gpu007, login1]. Zero padding of ranges is kept, as ``scontrol show hostnames`` does."""
-    hosts: list[str] = []
-    for match in re.finditer(r"([^,\[]+)(?:\[([^\]]+)\])?(?:,|$)", nodelist):
-        prefix, ranges = match.group(1), match.group(2)
-        if not prefix and not ranges:
-            continue
-        if ranges is None:
-            hosts.append(prefix)
-            continue
-        for part in ranges.split(","):
-            lo, _, hi = part.partition("-")
-            if not hi:
-                hosts.append(prefix + lo)
-                continue
-            width = len(lo)
-            for value in range(int(lo), int(hi) + 1):
-                hosts.append(f"{prefix}{value:0{width}d}")
+    gpu007, login1]. Zero padding of ranges is kept, as ``scontrol show hostnames`` does; a name
+    may hold several bracket groups and text after them ('r[1-2]-n[1-2]' -> r1-n1, r1-n2, r2-n1,
+    r2-n2, the last group varying fastest, as Slurm's hostlist does)."""
+    hosts = [host for name in _split_outside_brackets(nodelist) for host in _expand_name(name)]
     if not hosts:
         raise ValueError(f"could not parse SLURM_JOB_NODELIST={nodelist!r}")
     return hosts
+
+
+def _split_outside_brackets(nodelist: str) -> list[str]:
+    """The comma-separated names of ``nodelist``; commas inside ``[...]`` separate ranges."""
+    names, depth, current = [], 0, ""
+    for char in nodelist:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if not 0 <= depth <= 1:
+            raise ValueError(f"unbalanced brackets in SLURM_JOB_NODELIST={nodelist!r}")
+        if char == "," and depth == 0:
+            names.append(current)
+            current = ""
+        else:
+            current += char
+    if depth:
+        raise ValueError(f"unbalanced brackets in SLURM_JOB_NODELIST={nodelist!r}")
+    return [name.strip() for name in names + [current] if name.strip()]
+
+
+def _expand_name(name: str) -> list[str]:
+    """One name with any number of ``[ranges]`` groups: their cartesian product, in order."""
+    expanded = [""]
+    for text, ranges in re.findall(r"([^\[]*)(?:\[([^\]]*)\])?", name):
+        values = _expand_ranges(ranges, name) if ranges else [""]
+        expanded = [head + text + value for head in expanded for value in values]
+    return expanded
+
+
+def _expand_ranges(ranges: str, name: str) -> list[str]:
+    """'001-003,7' -> ['001', '002', '003', '7'] (each range keeps its low end's width)."""
+    values = []
+    for part in ranges.split(","):
+        lo, _, hi = part.strip().partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()):
+            raise ValueError(f"bad range {part!r} in Slurm host list name {name!r}")
+        if not hi:
+            values.append(lo)
+            continue
+        values += [f"{value:0{len(lo)}d}" for value in range(int(lo), int(hi) + 1)]
+    return values
 
 
 def slurm_port(job_id: str) -> int:
