@@ -32,11 +32,22 @@ splits a newline from a following non-space character; the tests check the equal
 
 Loss mask: the model learns each answer and the ``<|im_end|>`` that closes it (to stop); the
 prompt, the image block, role headers and the newline after ``<|im_end|>`` are masked.
+
+Conversations with any number of images (SFT, ``Message``; ``render_messages`` /
+``encode_messages``) use the same pieces: an optional ``system`` message first, then user and
+assistant messages, each ``<|im_start|>{role}\n{content}<|im_end|>\n``, where every image of the
+content is a vision block at its own place with as many ``<|image_pad|>`` as that image has
+merge windows, and text is kept verbatim (only the message's ends are stripped). Every assistant
+message is learnt. A ``<think>…</think>`` block in an answer stays in the text as written (Qwen3's
+template would strip it from earlier turns) and is learnt like the rest of the answer; its tags
+are encoded as Qwen3's ``<think>`` / ``</think>`` ids, as Qwen's tokenizer encodes that text (the
+only special-token strings that text may carry: they open and close no turn).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Iterator, Sequence
 
 import torch
@@ -47,6 +58,8 @@ IGNORE_INDEX = -100
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 VISION_START, VISION_END, IMAGE_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"
 PAD_TOKEN = "<|endoftext|>"  # fills the padding tail of a pack (always masked)
+ROLES = ("system", "user", "assistant")
+_THINK_TAGS = re.compile(r"(<think>|</think>)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +71,38 @@ class Turn:
     kind: str = ""
 
 
+@dataclasses.dataclass(frozen=True)
+class Message:
+    """One message of a conversation: ``role`` in ``ROLES``; ``content`` the text pieces (str)
+    and images (int: index into the conversation's images) in order. Construction strips the
+    ends of the content and merges adjacent text, so equal conversations compare equal."""
+
+    role: str
+    content: tuple[str | int, ...]
+
+    def __post_init__(self):
+        merged: list[str | int] = []
+        for piece in self.content:
+            if isinstance(piece, str) and merged and isinstance(merged[-1], str):
+                merged[-1] += piece
+            else:
+                merged.append(piece)
+        if merged and isinstance(merged[0], str):
+            merged[0] = merged[0].lstrip()
+        if merged and isinstance(merged[-1], str):
+            merged[-1] = merged[-1].rstrip()
+        object.__setattr__(self, "content", tuple(p for p in merged if p != ""))
+
+    @property
+    def text(self) -> str:
+        """The text pieces joined (images left out)."""
+        return "".join(p for p in self.content if isinstance(p, str))
+
+    @property
+    def images(self) -> list[int]:
+        return [p for p in self.content if isinstance(p, int)]
+
+
 @dataclasses.dataclass
 class EncodedConversation:
     """One image's conversation as tokens.
@@ -65,7 +110,8 @@ class EncodedConversation:
     ids: int64 ``[L]``. supervised: bool ``[L]``, True on the tokens the model must produce
     (answers and their closing ``<|im_end|>``). answer_turn: int64 ``[L]``, index into ``turns``
     of the answer a supervised token belongs to, -1 elsewhere. turns: the turns that were kept
-    (``max_tokens`` may leave some out). num_image_tokens: ``<|image_pad|>`` tokens in ``ids``.
+    (``max_tokens`` may leave some out; ``encode_messages``: one per assistant message, its
+    question the user text before it). num_image_tokens: ``<|image_pad|>`` tokens in ``ids``.
     """
 
     ids: torch.Tensor
@@ -108,25 +154,34 @@ class Qwen3ChatTemplate:
     # --- the format (one place) --------------------------------------------------------------
 
     @staticmethod
-    def _turn_pieces(question: str, answer: str | None, image_tokens: int | None
-                     ) -> Iterator[_Piece]:
-        """Pieces of one user turn and its assistant turn (``answer=None``: the generation
-        prompt, ending with the assistant header)."""
+    def _message_pieces(message: Message, image_tokens: Sequence[int]) -> Iterator[_Piece]:
+        """Pieces of one message; image ``i`` of the content gets ``image_tokens[i]`` pads.
+        Assistant messages are learnt, their header and trailing newline are not."""
+        learn = message.role == "assistant"
         yield IM_START, True, False
-        yield "user\n", False, False
-        if image_tokens is not None:
-            yield VISION_START, True, False
-            yield from ((IMAGE_PAD, True, False) for _ in range(image_tokens))
-            yield VISION_END, True, False
-        yield question.strip(), False, False
-        yield IM_END, True, False
+        yield f"{message.role}\n", False, False
+        for piece in message.content:
+            if isinstance(piece, str):
+                yield piece, False, learn
+            else:
+                yield VISION_START, True, False
+                yield from ((IMAGE_PAD, True, False) for _ in range(image_tokens[piece]))
+                yield VISION_END, True, False
+        yield IM_END, True, learn
         yield "\n", False, False
-        yield IM_START, True, False
-        yield "assistant\n", False, False
-        if answer is not None:
-            yield answer.strip(), False, True
-            yield IM_END, True, True
-            yield "\n", False, False
+
+    @classmethod
+    def _turn_pieces(cls, question: str, answer: str | None, image_tokens: int | None
+                     ) -> Iterator[_Piece]:
+        """Pieces of one user turn (the image block first) and its assistant turn
+        (``answer=None``: the generation prompt, ending with the assistant header)."""
+        image = (0,) if image_tokens is not None else ()
+        yield from cls._message_pieces(Message("user", (*image, question.strip())), [image_tokens])
+        if answer is None:
+            yield IM_START, True, False
+            yield "assistant\n", False, False
+        else:
+            yield from cls._message_pieces(Message("assistant", (answer,)), [])
 
     def _encode_pieces(self, pieces: Iterator[_Piece]) -> tuple[list[int], list[bool]]:
         """Ids and supervision of pieces; adjacent text with the same supervision is encoded
@@ -134,7 +189,7 @@ class Qwen3ChatTemplate:
         ids, supervised, run, run_supervised = [], [], "", False
 
         def flush():
-            tokens = self.tokenizer.encode(run) if run else []
+            tokens = self._encode_text(run) if run else []
             ids.extend(tokens)
             supervised.extend([run_supervised] * len(tokens))
 
@@ -151,6 +206,13 @@ class Qwen3ChatTemplate:
                 run, run_supervised = text, sup
         flush()
         return ids, supervised
+
+    def _encode_text(self, text: str) -> list[int]:
+        """Ids of plain text; ``<think>`` / ``</think>`` by their ids (module docstring)."""
+        ids = []
+        for i, part in enumerate(_THINK_TAGS.split(text)):
+            ids += [self.tokenizer.token_id(part)] if i % 2 else self.tokenizer.encode(part)
+        return ids
 
     # --- text --------------------------------------------------------------------------------
 
@@ -203,3 +265,43 @@ class Qwen3ChatTemplate:
             supervised=torch.tensor(supervised, dtype=torch.bool),
             answer_turn=torch.tensor(answer_turn, dtype=torch.int64), turns=kept,
             num_image_tokens=image_tokens if kept and image_tokens is not None else 0)
+
+    # --- conversations with 0..n images ------------------------------------------------------
+
+    def render_messages(self, messages: Sequence[Message], image_tokens: Sequence[int] = ()
+                        ) -> str:
+        """The training text of ``messages``; image ``i`` gets ``image_tokens[i]`` pads."""
+        _check_image_tokens(messages, image_tokens)
+        return "".join(text for message in messages
+                       for text, _, _ in self._message_pieces(message, image_tokens))
+
+    def encode_messages(self, messages: Sequence[Message], image_tokens: Sequence[int] = (),
+                        kind: str = "conversation") -> EncodedConversation:
+        """Tokens of ``render_messages``; every assistant message is learnt and becomes one of
+        ``turns`` (tagged ``kind``). Messages start at special tokens, so encoding them one by
+        one gives the ids of the whole text."""
+        _check_image_tokens(messages, image_tokens)
+        ids, supervised, answer_turn, turns, question = [], [], [], [], ""
+        for message in messages:
+            message_ids, message_sup = self._encode_pieces(
+                self._message_pieces(message, image_tokens))
+            ids += message_ids
+            supervised += message_sup
+            answer_turn += [len(turns) if s else -1 for s in message_sup]
+            if message.role == "user":
+                question = message.text
+            elif message.role == "assistant":
+                turns.append(Turn(question, message.text, kind))
+        return EncodedConversation(
+            ids=torch.tensor(ids, dtype=torch.int64),
+            supervised=torch.tensor(supervised, dtype=torch.bool),
+            answer_turn=torch.tensor(answer_turn, dtype=torch.int64), turns=turns,
+            num_image_tokens=sum(image_tokens))
+
+
+def _check_image_tokens(messages: Sequence[Message], image_tokens: Sequence[int]) -> None:
+    """The messages must show images 0..n-1 once each, in order, n = len(image_tokens)."""
+    shown = [i for message in messages for i in message.images]
+    if shown != list(range(len(image_tokens))):
+        raise ValueError(f"messages show images {shown}, expected 0..{len(image_tokens) - 1} "
+                         "once each in order")
