@@ -29,6 +29,24 @@ logger = logging.getLogger(__name__)
 _FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
 
+def read_image_file(images_dir: Path, relative: str, max_decode_pixels: int
+                    ) -> tuple[bytes, str, int, int]:
+    """The file `relative` inside `images_dir` (an absolute, resolved folder) → (bytes, shard
+    extension, height, width), header checked only. Raises BadSampleError ("unsafe_path",
+    "missing_image", "unsupported_format" or `open_image`'s reasons)."""
+    path = (images_dir / relative).resolve()
+    if not path.is_relative_to(images_dir):
+        raise BadSampleError("unsafe_path", f"{relative} is outside {images_dir}")
+    if not path.is_file():
+        raise BadSampleError("missing_image", str(path))
+    image_bytes = path.read_bytes()
+    image, height, width = open_image(image_bytes, max_decode_pixels)
+    ext = _FORMAT_EXT.get(image.format)
+    if ext is None:
+        raise BadSampleError("unsupported_format", f"{path.name} is {image.format}")
+    return image_bytes, ext, height, width
+
+
 def _manifest_entry(line: str, images_dir: Path,
                     max_decode_pixels: int) -> tuple[bytes, str, dict]:
     """One manifest line → (image bytes, extension, sample meta). Raises BadSampleError."""
@@ -38,16 +56,8 @@ def _manifest_entry(line: str, images_dir: Path,
         raise BadSampleError("invalid_json", str(err)) from None
     if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
         raise BadSampleError("invalid_meta", "line must be an object with an \"image\" path")
-    path = (images_dir / entry["image"]).resolve()
-    if not path.is_relative_to(images_dir):
-        raise BadSampleError("unsafe_path", f"{entry['image']} is outside {images_dir}")
-    if not path.is_file():
-        raise BadSampleError("missing_image", str(path))
-    image_bytes = path.read_bytes()
-    image, height, width = open_image(image_bytes, max_decode_pixels)
-    ext = _FORMAT_EXT.get(image.format)
-    if ext is None:
-        raise BadSampleError("unsupported_format", f"{path.name} is {image.format}")
+    image_bytes, ext, height, width = read_image_file(images_dir, entry["image"],
+                                                      max_decode_pixels)
     meta = {"caption": entry.get("caption", ""), "width": width, "height": height,
             "regions": entry.get("regions", []), "ocr": entry.get("ocr", []),
             "source": entry["image"]}
