@@ -4,6 +4,13 @@
       ─ random-access reads of the pack's samples (tar offsets) ─ PIL decode + smart_resize
       ─ PackedImages padded to ``pack_tokens`` (+ captions, keys, Stage I MIM masks)
 
+Decode workers. With ``num_workers`` > 0 the reads and decodes run in worker processes
+(``data.decode_workers``) while the trainer computes: the sampler draws packs ahead (up to
+``PACKS_IN_FLIGHT_PER_WORKER`` per worker), each pack goes to a worker as its samples' tar
+locations, and the packs are consumed in the order drawn. The pack decision, bad-sample counting
+and pack assembly stay here, so the packs, pixels and counts equal ``num_workers=0`` (which reads
+and decodes in this process when a pack is asked for, nothing ahead).
+
 Sizes. Every sample's token cost is recomputed from its original ``height``/``width`` in the
 index under the policy of the current *phase*, so a resolution schedule (Stage II: max 336² →
 448²) changes ``max_pixels`` at a step boundary without re-indexing. ``smart_resize`` is evaluated
@@ -21,7 +28,10 @@ Phases and resume. ``phases`` is a list of ``(start_step, ResizePolicy)``; ``set
 (called by the stage before each step) switches phase when ``step`` crosses a start. Each phase has
 its own sampler (sizes differ), seeded by (seed, phase), starting at its first epoch. ``state_dict``
 holds the phase and its sampler's state (plain ints and lists), so a resumed run yields exactly the
-packs the uninterrupted one would have. MIM masks are drawn from a generator seeded by (seed,
+packs the uninterrupted one would have. With packs in flight the sampler is ahead of the consumer:
+each drawn pack keeps the sampler state from before it was drawn, and ``state_dict`` saves the one
+of the oldest unconsumed pack (the consumer's position); packs in flight are dropped, the sampler
+rewound to that position, on a phase switch, a ``load_state_dict`` and ``close``. MIM masks are drawn from a generator seeded by (seed,
 dp_rank, phase, pack number), so they need no state of their own.
 
 Pipeline parallelism: ranks that need no pixels (middle pipeline stages) pass
@@ -33,19 +43,28 @@ before megatron's schedule runs, and on a whole split in ``epoch()``.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
+import time
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from megatron_finevit.data.bad_samples import BadSampleCounter, BadSampleError
-from megatron_finevit.data.decode_pil import Normalization, decode_pil
+from megatron_finevit.data.decode_pil import Normalization
+from megatron_finevit.data.decode_workers import (
+    PACKS_IN_FLIGHT_PER_WORKER,
+    DecodePool,
+    DecodeSettings,
+    LoadedSample,
+    SampleLocation,
+    ShardFiles,
+    load_samples,
+    start_method,
+)
 from megatron_finevit.data.index import SampleIndex, dali_index_path, load_index
 from megatron_finevit.data.masking import random_patch_mask
 from megatron_finevit.data.pack_agreement import (
@@ -56,7 +75,7 @@ from megatron_finevit.data.pack_agreement import (
 )
 from megatron_finevit.data.packing import PackedBatchSampler
 from megatron_finevit.data.resize import ResizePolicy
-from megatron_finevit.data.shards import IMAGE_EXTS, validate_meta
+from megatron_finevit.data.shards import IMAGE_EXTS
 from megatron_finevit.models.vit.patch_embed import PackedImages, pack_images
 
 log = logging.getLogger(__name__)
@@ -127,7 +146,7 @@ class SampleReader:
         starts = np.zeros(len(index.shards) + 1, dtype=np.int64)
         np.add.at(starts, index.shard_id.astype(np.int64) + 1, 1)
         self._row_start = np.cumsum(starts)
-        self._files: dict[int, int] = {}
+        self._files = ShardFiles()
         for shard, members in enumerate(self._members):
             expected = int(self._row_start[shard + 1] - self._row_start[shard])
             if len(members) != expected:
@@ -135,30 +154,18 @@ class SampleReader:
                                    f"lists {len(members)} samples, index.zarr {expected}: rebuild "
                                    "the index (tools/build_index.py)")
 
-    def read(self, sample: int) -> tuple[bytes, dict]:
+    def locate(self, sample: int) -> SampleLocation:
+        """The tar members of index row ``sample`` (what a decode worker reads)."""
         shard = int(self.index.shard_id[sample])
         row = sample - int(self._row_start[shard])
-        image_offset, image_size, json_offset, json_size = self._members[shard][row]
-        fd = self._files.get(shard)
-        if fd is None:
-            fd = self._files[shard] = os.open(self.index.shard_path(sample), os.O_RDONLY)
-        image = os.pread(fd, image_size, image_offset)
-        text = os.pread(fd, json_size, json_offset)
-        if len(image) != image_size or len(text) != json_size:
-            raise BadSampleError("truncated_tar", f"sample {self.index.key[sample]} is cut off")
-        try:
-            meta = json.loads(text.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise BadSampleError("invalid_json", str(err)) from None
-        return image, validate_meta(meta)
+        return SampleLocation(str(self.index.shard_path(sample)), str(self.index.key[sample]),
+                              *self._members[shard][row])
+
+    def read(self, sample: int) -> tuple[bytes, dict]:
+        return self._files.read(self.locate(sample))
 
     def close(self) -> None:
-        for fd in self._files.values():
-            os.close(fd)
-        self._files.clear()
-
-    def __del__(self):
-        self.close()
+        self._files.close()
 
 
 def _read_member_table(path: Path) -> list[tuple[int, int, int, int]]:
@@ -172,6 +179,21 @@ def _read_member_table(path: Path) -> list[tuple[int, int, int, int]]:
         image_ext = next(ext for ext in members if ext in IMAGE_EXTS)
         table.append((*members[image_ext], *members["json"]))
     return table
+
+
+@dataclass
+class _PackInFlight:
+    """A pack drawn from the sampler, not yet consumed."""
+
+    number: int                   # its number in the sampler's stream (seeds the mask)
+    samples: list[int]
+    sampler_state: dict           # the sampler before it was drawn: the consumer's position
+    settings: DecodeSettings      # the phase it was drawn in
+    future: Future | None         # its samples loading in a worker; None: load when consumed
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler_state["epoch"]
 
 
 class PackedImageLoader:
@@ -193,6 +215,9 @@ class PackedImageLoader:
             (faster, slightly different pixels; ``decode_pil``).
         decoder: "pil" (reference, CPU). The DALI reader is sequential and cannot serve
             random-access packs; it is refused with an explanation.
+        num_workers: processes that read and decode packs ahead of the consumer (0: in this
+            process, when a pack is asked for). Only ranks that decode pixels start them;
+            ``close()`` stops them.
     """
 
     def __init__(self, shard_dir, phases: list[tuple[int, ResizePolicy]], pack_tokens: int, *,
@@ -200,11 +225,15 @@ class PackedImageLoader:
                  min_fill: float = 0.9, mask_ratio: float | None = None,
                  decode_pixels: bool = True, decoder: str = "pil", use_draft: bool = False,
                  norm: Normalization = Normalization(), counter: BadSampleCounter | None = None,
-                 token_multiple: int = 1, pipeline: PipelineGroup | None = None):
+                 token_multiple: int = 1, pipeline: PipelineGroup | None = None,
+                 num_workers: int = 0):
         if decoder != "pil":
             raise ValueError(f"decoder={decoder!r}: the packing loader reads samples by random "
                              "access and decodes them with PIL; DALI's webdataset reader is "
                              "sequential (use it through data.decode_dali for streaming jobs)")
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"num_workers={num_workers!r} must be an integer >= 0 (0: decode "
+                             "in the training process)")
         starts = [start for start, _ in phases]
         if not phases or starts[0] != 0 or starts != sorted(set(starts)):
             raise ValueError(f"phases must start at step 0 with increasing steps, got {starts}")
@@ -220,9 +249,17 @@ class PackedImageLoader:
         self.counter = counter if counter is not None else BadSampleCounter(name=str(shard_dir))
         self.token_multiple, self.pipeline = int(token_multiple), pipeline
         self._prepared: deque[PackedImageBatch] = deque()  # agreed on, not yet consumed
+        self._in_flight: deque[_PackInFlight] = deque()     # drawn, not yet consumed
+        # layout-only ranks read a few bytes of JSON per sample: nothing worth a worker
+        self._pool = DecodePool(num_workers) if num_workers and decode_pixels else None
+        self._lookahead = num_workers * PACKS_IN_FLIGHT_PER_WORKER if self._pool else 0
+        self.prepare_wait_s = 0.0  # time spent loading in prepare() (the trainer's data_wait)
         self.phase = -1
         self.sampler: PackedBatchSampler | None = None
         self._enter_phase(0)
+        log.info("data %s: PIL decode %s", shard_dir,
+                 f"in {num_workers} worker processes ({start_method()}), up to "
+                 f"{self._lookahead} packs ahead" if self._pool else "in the training process")
 
     # --- phases -------------------------------------------------------------------------------
 
@@ -242,6 +279,7 @@ class PackedImageLoader:
                      self.policy.max_pixels)
 
     def _enter_phase(self, phase: int) -> None:
+        self._drop_in_flight()  # drawn at the old phase's sizes
         self.phase = phase
         sizes = policy_sizes(self.index, self.policy, self.pack_tokens + 1, self.token_multiple)
         self.sampler = PackedBatchSampler(
@@ -261,7 +299,7 @@ class PackedImageLoader:
             raise RuntimeError("under pipeline parallelism the stages agree on a step's "
                                "micro-batches first: call prepare(n) on every stage before "
                                "the schedule")
-        return next(self._decided())
+        return self._next_decided()
 
     def prepare(self, num_batches: int) -> None:
         """Under pipeline parallelism: agree with the other stages on the next ``num_batches``
@@ -272,23 +310,93 @@ class PackedImageLoader:
             return
         if self._prepared:
             raise RuntimeError(f"{len(self._prepared)} prepared micro-batches were not consumed")
-        self._prepared.extend(self._agree(lambda: list(islice(self._decided(), num_batches))))
+        start = time.perf_counter()
+        self._prepared.extend(self._agree(lambda: [self._next_decided()
+                                                   for _ in range(num_batches)]))
+        self.prepare_wait_s += time.perf_counter() - start
 
     def epoch(self) -> list[PackedImageBatch]:
         """The batches of the rest of the current epoch (every sample of this rank's share once;
         evaluation uses it on a fresh loader). A collective under pipeline parallelism."""
-        return self._agree(lambda: list(self._decided(epoch_only=True)))
+        def rest_of_epoch():
+            epoch, batches = self._position()["epoch"], []
+            while (batch := self._next_decided(epoch)) is not None:
+                batches.append(batch)
+            return batches
 
-    def _decided(self, epoch_only: bool = False):
-        """Batches of the next packs as this loader decodes them (bad samples skipped and
-        counted, packs with no good sample skipped): the decisions of the first stage."""
+        return self._agree(rest_of_epoch)
+
+    def close(self) -> None:
+        """Stop the decode workers (packs in flight are dropped; the position is kept, and a
+        later ``next()`` starts new workers)."""
+        self._drop_in_flight()
+        if self._pool is not None:
+            self._pool.close()
+        self.reader.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- packs in flight ----------------------------------------------------------------------
+
+    def _next_decided(self, epoch: int | None = None) -> PackedImageBatch | None:
+        """The next batch as this loader decodes it (bad samples skipped and counted, packs with
+        no good sample skipped): the decisions of the first pipeline stage. With ``epoch``: None
+        once that epoch's packs are used up."""
         while True:
-            for pack in self.sampler:
-                batch = self._load(pack, self.sampler.stats.num_packs)
-                if batch is not None:
-                    yield batch
-            if epoch_only:
-                return
+            self._draw_ahead(max(self._lookahead, 1), epoch)
+            if not self._in_flight or (epoch is not None and self._in_flight[0].epoch != epoch):
+                return None
+            pack = self._in_flight.popleft()
+            self._draw_ahead(self._lookahead, epoch)  # the workers go on while we wait for it
+            batch = self._load(pack)
+            if batch is not None:
+                return batch
+
+    def _draw_ahead(self, count: int, epoch: int | None) -> None:
+        """Draw packs (and start loading them in the workers) until ``count`` are in flight,
+        within ``epoch`` if given."""
+        while len(self._in_flight) < count and (epoch is None or self.sampler.epoch == epoch):
+            state = self.sampler.state_dict()
+            samples = next(iter(self.sampler))
+            settings = self._settings()
+            self._in_flight.append(_PackInFlight(self.sampler.stats.num_packs, samples, state,
+                                                 settings, self._start_loading(samples, settings)))
+
+    def _settings(self) -> DecodeSettings:
+        return DecodeSettings(self.policy, self.norm, self.use_draft, self.decode_pixels)
+
+    def _start_loading(self, samples: list[int], settings: DecodeSettings) -> Future | None:
+        if self._pool is None:
+            return None
+        return self._pool.submit([self.reader.locate(s) for s in samples], settings)
+
+    def _loaded(self, samples: list[int], settings: DecodeSettings,
+                future: Future | None) -> list[LoadedSample]:
+        if future is not None:
+            return future.result()
+        return load_samples(self.reader.read, samples, settings)
+
+    def _position(self) -> dict:
+        """The sampler state at the consumer: from before the oldest pack in flight."""
+        return self._in_flight[0].sampler_state if self._in_flight else self.sampler.state_dict()
+
+    def _consumed_packs(self) -> int:
+        return self._in_flight[0].number - 1 if self._in_flight else self.sampler.stats.num_packs
+
+    def _drop_in_flight(self) -> None:
+        """Forget the packs in flight and rewind the sampler to the consumer's position."""
+        if self._in_flight:
+            self.sampler.load_state_dict(self._in_flight[0].sampler_state)
+        for pack in self._in_flight:
+            if pack.future is not None:
+                pack.future.cancel()  # a worker already on it finishes; its result is dropped
+        self._in_flight.clear()
+
+    # --- pipeline agreement -------------------------------------------------------------------
 
     def _agree(self, decide) -> list[PackedImageBatch]:
         """``decide()``'s batches on the first pipeline stage, the same packs built on the
@@ -299,25 +407,26 @@ class PackedImageLoader:
             try:
                 batches = decide()
             except Exception:  # let the other stages fail too instead of waiting in broadcast
-                broadcast_decision(Decision((), self.sampler.stats.num_packs, aborted=True),
+                broadcast_decision(Decision((), self._consumed_packs(), aborted=True),
                                    self.pipeline)
                 raise
             broadcast_decision(Decision(tuple(b.choice for b in batches),
-                                        self.sampler.stats.num_packs), self.pipeline)
+                                        self._consumed_packs()), self.pipeline)
             return batches
         decision = broadcast_decision(None, self.pipeline)
         if decision.aborted:
             raise RuntimeError(f"{self.index.shard_dir}: the first pipeline stage failed while "
                                "loading micro-batches (its log says why)")
-        batches = []
         for choice in decision.choices:
             pack, kept = self._draw_until(choice.pack_number), set(choice.samples)
             if [s for s in pack if s in kept] != list(choice.samples):
                 raise RuntimeError(f"pack {choice.pack_number} differs between pipeline stages "
                                    "(different data or loader settings)")
-            batches.append(self._follow(choice))
         self._draw_until(decision.end_pack_number)  # all-bad packs after the last choice
-        return batches
+        settings = self._settings()
+        futures = [self._start_loading(list(c.samples), settings) for c in decision.choices]
+        return [self._follow(choice, settings, future)
+                for choice, future in zip(decision.choices, futures)]
 
     def _draw_until(self, pack_number: int) -> list[int] | None:
         """Advance the sampler to ``pack_number`` packs drawn (as the first stage did); the last
@@ -331,8 +440,7 @@ class PackedImageLoader:
                                "differ")
         return pack
 
-    def _decode(self, image_bytes: bytes) -> torch.Tensor:
-        return decode_pil(image_bytes, self.policy, self.norm, use_draft=self.use_draft)
+    # --- batches ------------------------------------------------------------------------------
 
     def _grid(self, sample: int, image: torch.Tensor | None) -> tuple[int, int]:
         """Patch grid of a decoded image, or from the index without pixels."""
@@ -343,45 +451,47 @@ class PackedImageLoader:
                                        int(self.index.width[sample]))
         return h // patch, w // patch
 
-    def _load(self, pack: list[int], pack_number: int) -> PackedImageBatch | None:
-        """Read (and decode) the samples of ``pack``; bad ones are skipped and counted."""
+    def _load(self, pack: _PackInFlight) -> PackedImageBatch | None:
+        """The batch of a pack in flight; bad samples are skipped and counted (here, in pack
+        order, whichever process read them)."""
         samples, grids, images, metas = [], [], [], []
-        for sample in pack:
-            try:
-                image_bytes, meta = self.reader.read(sample)
-                image = self._decode(image_bytes) if self.decode_pixels else None
-            except BadSampleError as err:
-                shard = self.index.shards[int(self.index.shard_id[sample])]
-                self.counter.skip_error(err, shard=shard, member=str(self.index.key[sample]))
+        for sample, loaded in zip(pack.samples, self._loaded(pack.samples, pack.settings,
+                                                             pack.future)):
+            if loaded.bad_reason:
+                self.counter.skip(loaded.bad_reason, detail=loaded.bad_detail,
+                                  shard=self.index.shards[int(self.index.shard_id[sample])],
+                                  member=str(self.index.key[sample]))
                 continue
             self.counter.ok()
+            image = None if loaded.pixels is None else torch.from_numpy(loaded.pixels)
             samples.append(sample)
             grids.append(self._grid(sample, image))
-            metas.append(meta)
+            metas.append(loaded.meta)
             if image is not None:
                 images.append(image)
         if not samples:
             return None
-        return self._assemble(pack_number, samples, grids, images, metas)
+        return self._assemble(pack.number, samples, grids, images, metas)
 
-    def _follow(self, choice: PackChoice) -> PackedImageBatch:
+    def _follow(self, choice: PackChoice, settings: DecodeSettings,
+                future: Future | None) -> PackedImageBatch:
         """The batch the first pipeline stage made of a pack, rebuilt here (decoding too when
         this stage needs pixels); a kept sample that fails here means the decoders disagree."""
         images, metas = [], []
-        for sample, grid in zip(choice.samples, choice.grids):
-            key = str(self.index.key[sample])
-            try:
-                image_bytes, meta = self.reader.read(sample)
-                if self.decode_pixels:
-                    image = self._decode(image_bytes)
-                    if self._grid(sample, image) != grid:
-                        raise BadSampleError("grid_mismatch", f"decoded grid "
-                                             f"{self._grid(sample, image)}, first stage {grid}")
-                    images.append(image)
-            except BadSampleError as err:
-                raise RuntimeError(f"sample {key} that the first pipeline stage kept fails on this "
-                                   f"stage ({err}): the stages' decoders disagree") from None
-            metas.append(meta)
+        for sample, grid, loaded in zip(choice.samples, choice.grids,
+                                        self._loaded(list(choice.samples), settings, future)):
+            image = None if loaded.pixels is None else torch.from_numpy(loaded.pixels)
+            problem = loaded.bad_detail
+            if image is not None and self._grid(sample, image) != grid:
+                problem = (f"grid_mismatch: decoded grid {self._grid(sample, image)}, first "
+                           f"stage {grid}")
+            if problem:
+                raise RuntimeError(f"sample {self.index.key[sample]} that the first pipeline "
+                                   f"stage kept fails on this stage ({problem}): the stages' "
+                                   "decoders disagree")
+            metas.append(loaded.meta)
+            if image is not None:
+                images.append(image)
         self.counter.ok(len(metas))
         return self._assemble(choice.pack_number, list(choice.samples), list(choice.grids),
                               images, metas)
@@ -410,12 +520,12 @@ class PackedImageLoader:
         if self._prepared:
             raise RuntimeError("loader state asked between prepare() and the use of its "
                                "micro-batches: save at a step boundary")
-        return {"version": _STATE_VERSION, "phase": self.phase,
-                "sampler": self.sampler.state_dict()}
+        return {"version": _STATE_VERSION, "phase": self.phase, "sampler": self._position()}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"unsupported loader state version {state.get('version')}")
+        self._drop_in_flight()
         if state["phase"] != self.phase:
             self._enter_phase(int(state["phase"]))
         self.sampler.load_state_dict(state["sampler"])
