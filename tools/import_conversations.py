@@ -16,8 +16,6 @@ from pathlib import Path
 
 from megatron_finevit.config.errors import UserError, report_user_error
 from megatron_finevit.data.bad_samples import BadSampleCounter
-from megatron_finevit.data.conversation_import import import_conversations
-from megatron_finevit.data.index import build_index
 from megatron_finevit.data.shards import list_shards
 
 
@@ -55,6 +53,11 @@ def main(argv=None) -> int:
     problems = path_problems(source, images, out)
     if problems:
         return report_user_error(UserError(problems))
+    # Imported only now: they pull in torch and zarr (seconds), and a mistyped path should be
+    # reported at once.
+    from megatron_finevit.data.conversation_import import import_conversations
+    from megatron_finevit.data.index import build_index
+
     counter = BadSampleCounter(max_bad_fraction=args.max_bad_fraction,
                                name="import_conversations")
     try:

@@ -289,7 +289,7 @@ class Qwen3ChatTemplate:
             supervised += message_sup
             answer_turn += [len(turns) if s else -1 for s in message_sup]
             if message.role == "user":
-                question = message.text
+                question = message.text.strip()
             elif message.role == "assistant":
                 turns.append(Turn(question, message.text, kind))
         return EncodedConversation(
