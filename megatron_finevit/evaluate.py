@@ -13,6 +13,16 @@ and chance. Stage I: the MIM loss per masked token and the prediction–target c
 Stage III: greedy answers to held-out region questions — grounding accuracy at IoU >= 0.5
 (caption -> box), exact match and token F1 of region captions and OCR (box -> text) — each beside
 a trivial baseline (the mean box; the most frequent answer).
+
+The paper's benchmarks (Stage II checkpoints, one process; ``evaluation.benchmark_sets`` gives
+each directory layout):
+
+    python -m megatron_finevit.evaluate --checkpoint runs/stage2 --benchmark imagenet1k \
+        --data /data/imagenet/val
+
+``--benchmark`` is one of imagenet1k, imagenet_v2, imagenet_real (zero-shot top-1/5), coco,
+flickr30k, dci, iiw, urban1k (recall@1/5/10 both ways); the training shards the checkpoint's
+config names are not read, and unreadable images are skipped and counted.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ from pathlib import Path
 from megatron_finevit.config.errors import ConfigError, UserError, report_user_error
 from megatron_finevit.config.loader import config_from_data, load_config_collecting
 from megatron_finevit.config.train import TrainConfig
+from megatron_finevit.evaluation.benchmark_sets import BENCHMARKS
 from megatron_finevit.logs import quiet_third_party_logs
 
 TASK_KEYS = {"retrieval": ("i2t", "t2i", "chance_r1", "num_images"),
@@ -40,13 +51,19 @@ def parse_args(argv=None):
                                      "(contrastive) or Stage III (align) checkpoint on an indexed "
                                      "shard directory.")
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory (with `latest`)")
-    parser.add_argument("--data", required=True, help="indexed shard directory to evaluate on")
+    parser.add_argument("--data", required=True, help="indexed shard directory to evaluate on "
+                        "(with --benchmark: the benchmark's directory)")
     parser.add_argument("--task", choices=(*TASK_KEYS, "all"), default="all",
                         help="retrieval / zero_shot: Stage II; mim: Stage I; align: Stage III")
+    parser.add_argument("--benchmark", choices=BENCHMARKS,
+                        help="a paper benchmark instead of --task (Stage II checkpoints)")
     parser.add_argument("--config", help="run config YAML (default: the checkpoint's own)")
     parser.add_argument("--json", help="also write the metrics to this file")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.benchmark and args.task != "all":
+        parser.error("give --task or --benchmark, not both")
+    return args
 
 
 def checkpoint_config(checkpoint_dir: str) -> dict:
@@ -61,9 +78,10 @@ def checkpoint_config(checkpoint_dir: str) -> dict:
         return dist_checkpointing.load_common_state_dict(str(path))["common"]["config"]
 
 
-def evaluation_config(args) -> TrainConfig:
+def evaluation_config(args):
     """The run config to evaluate with, checked like a training run (``training.preflight``):
-    raises ``UserError`` listing every problem of the arguments, the config and the files."""
+    raises ``UserError`` listing every problem of the arguments, the config and the files.
+    Returns the config and its stage."""
     from megatron_finevit.training.checkpoint_files import CheckpointError
     from megatron_finevit.training.preflight import (
         InputPath,
@@ -75,6 +93,7 @@ def evaluation_config(args) -> TrainConfig:
     )
 
     _, checkpoint_problems = published_checkpoint_problems("--checkpoint", args.checkpoint)
+    data = InputPath("--data", args.data, "directory" if args.benchmark else "shards")
     saved = None if checkpoint_problems else checkpoint_config(args.checkpoint)
     if args.config:
         cfg, problems = load_config_collecting(TrainConfig, args.config, args.overrides)
@@ -83,13 +102,16 @@ def evaluation_config(args) -> TrainConfig:
     else:
         cfg, problems = None, []
     if cfg is None:  # no config to check the rest against: report what is known
-        data = input_path_problems(InputPath("--data", args.data, "shards"))
+        data_problems = input_path_problems(data)
         raise PreflightErrors([error for error in (
-            (problems or data) and ConfigError(problems + data),
+            (problems or data_problems) and ConfigError(problems + data_problems),
             checkpoint_problems and CheckpointError(checkpoint_problems)) if error])
     if cfg.stage not in TASK_STAGES.values():
         problems.append(f"stage {cfg.stage!r} has no evaluation here: give a Stage I (mim), "
                         "Stage II (contrastive) or Stage III (align) checkpoint or --config")
+    elif args.benchmark and cfg.stage != "contrastive":
+        problems.append(f"--benchmark needs a Stage II (contrastive) model, this is a {cfg.stage} "
+                        "run: give a Stage II checkpoint or --config")
     elif args.task != "all" and TASK_STAGES[args.task] != cfg.stage:
         problems.append(f"--task {args.task} does not apply to a {cfg.stage} run")
     if cfg.stage == "align" and saved is not None and saved.get("stage") == "align":
@@ -107,11 +129,24 @@ def evaluation_config(args) -> TrainConfig:
     cfg.checkpoint.save_on_signal = False
     cfg.eval.at_start = cfg.eval.at_end = False
     cfg.logging.tensorboard_dir, cfg.logging.progress_bar = None, False
-    cfg.stage_config["eval_data_dir"] = args.data
-    error = find_problems(cfg, launch_world_size(), problems).error()
+    if args.benchmark:
+        # the checkpoint sets every weight, and the benchmark brings its own images: neither the
+        # text tower's initial weights nor the training shards are read
+        cfg.stage_config.pop("text_init_dir", None)
+        cfg.stage_config["eval_data_dir"] = None
+        problems += input_path_problems(data)
+        if launch_world_size() > 1:
+            problems.append("--benchmark runs in one process: start it without torchrun / srun")
+    else:
+        cfg.stage_config["eval_data_dir"] = args.data
+    found = find_problems(cfg, launch_world_size(), problems)
+    if args.benchmark:
+        found.path_problems = [p for p in found.path_problems
+                               if not p.startswith("stage_config.data.dir=")]
+    error = found.error()
     if error is not None:
         raise error
-    return cfg
+    return cfg, found.stage
 
 
 def select(results: dict[str, float], task: str) -> dict[str, float]:
@@ -164,22 +199,39 @@ def format_align_table(results: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+def run_paper_benchmark(cfg, stage, args) -> tuple[dict[str, float], str]:
+    """``args.benchmark`` on the checkpoint's model: (metrics, the printed table)."""
+    from megatron_finevit.evaluation.benchmark_model import (
+        contrastive_encoders,
+        load_contrastive_model,
+    )
+    from megatron_finevit.evaluation.benchmarks import format_benchmark, run_benchmark
+
+    model, step = load_contrastive_model(cfg, stage, args.checkpoint)
+    results = run_benchmark(args.benchmark, args.data, contrastive_encoders(stage, model, step))
+    return results, format_benchmark(args.benchmark, results)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     quiet_third_party_logs()
     try:
-        cfg = evaluation_config(args)
+        cfg, stage = evaluation_config(args)
         import torch.distributed as dist
 
-        from megatron_finevit.training.trainer import Trainer
+        if args.benchmark:
+            results, table = run_paper_benchmark(cfg, stage, args)
+        else:
+            from megatron_finevit.training.trainer import Trainer
 
-        results = select(Trainer(cfg).evaluate(), args.task)
+            results = select(Trainer(cfg).evaluate(), args.task)
+            table = format_table(results)
     except UserError as exc:
         # every rank checked the same arguments and exits 2; only global rank 0 prints
         return report_user_error(exc)
     if dist.get_rank() == dist.get_world_size() - 1:
-        print(format_table(results))
+        print(table)
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

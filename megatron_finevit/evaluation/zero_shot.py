@@ -4,7 +4,9 @@ Each class name is put into every prompt template (``"a photo of a {}."``), the 
 encoded by the text tower, each embedding is L2-normalised, and a class's classifier vector is
 the normalised mean over its templates. An image is classified by cosine similarity to those
 vectors; top-k accuracy counts images whose label ranks below ``k`` (ties count against the
-image, see ``evaluation.ranking``).
+image, see ``evaluation.ranking``). With several correct labels per image (ImageNet-ReaL) an
+image counts when any of them ranks below ``k``: ReaL's top-1 (the prediction is in the image's
+set of labels).
 
 Works during training (each data-parallel rank scores its shard of the evaluation images; pass
 ``group`` and the counts are summed over it) and standalone (one process, all images).
@@ -59,20 +61,27 @@ def build_zero_shot_classifier(class_names: Sequence[str], encode_text: EncodeTe
 def zero_shot_accuracy(image_emb: torch.Tensor, labels: torch.Tensor, classifier: torch.Tensor,
                        ks: Sequence[int] = (1, 5), chunk: int = 4096,
                        group: dist.ProcessGroup | None = None) -> dict[str, float]:
-    """Top-k accuracy of ``image_emb [n, d]`` with integer ``labels [n]`` against
-    ``classifier [n_classes, d]``: ``{"top1": …, "top5": …}`` (fractions in [0, 1]).
+    """Top-k accuracy of ``image_emb [n, d]`` against ``classifier [n_classes, d]``:
+    ``{"top1": …, "top5": …}`` (fractions in [0, 1]).
 
-    With ``group`` the hit counts and image counts are summed over its ranks (each rank passes
-    its own images), so every rank gets the accuracy over all of them."""
+    ``labels`` is int ``[n]`` (one class per image) or bool ``[n, n_classes]`` (every correct
+    class of each image, at least one per image: ImageNet-ReaL). With ``group`` the hit counts
+    and image counts are summed over its ranks (each rank passes its own images), so every rank
+    gets the accuracy over all of them."""
     if image_emb.shape[0] != labels.shape[0]:
         raise ValueError(f"{image_emb.shape[0]} images but {labels.shape[0]} labels")
-    if labels.numel() and (labels.min() < 0 or labels.max() >= classifier.shape[0]):
+    if labels.dtype == torch.bool:
+        if labels.shape[1:] != classifier.shape[:1]:
+            raise ValueError(f"a label mask needs {classifier.shape[0]} columns, got "
+                             f"{tuple(labels.shape)}")
+    elif labels.numel() and (labels.min() < 0 or labels.max() >= classifier.shape[0]):
         raise ValueError(f"labels must be class indices in [0, {classifier.shape[0]})")
     classes = torch.arange(classifier.shape[0], device=labels.device)
     counts = torch.zeros(len(ks) + 1, dtype=torch.long, device=image_emb.device)
     for start in range(0, image_emb.shape[0], chunk):
         scores = cosine_scores(image_emb[start:start + chunk], classifier)
-        positive = labels[start:start + chunk, None] == classes[None]
+        rows = labels[start:start + chunk]
+        positive = rows if rows.dtype == torch.bool else rows[:, None] == classes[None]
         counts[:-1] += hits_at_k(best_positive_rank(scores, positive), ks).to(counts.device)
     counts[-1] = image_emb.shape[0]
     if group is not None:
