@@ -1,5 +1,6 @@
-"""Throughput and utilisation: samples/s, tokens/s, achieved TFLOP/s and MFU, plus the sinks
-(stdout lines with units, TensorBoard, an optional progress bar)."""
+"""Throughput and utilisation: samples/s, tokens/s, achieved TFLOP/s and MFU, the time a step
+waited for its data, plus the sinks (stdout lines with units, TensorBoard, an optional progress
+bar)."""
 
 from __future__ import annotations
 
@@ -72,6 +73,57 @@ class Throughput:
                 "tflops_per_device": tflops_per_device, "mfu": tflops_per_device / self.peak}
 
 
+class DataWaitTimer:
+    """The trainer's data iterator, counting the time the step is blocked on it: inside
+    ``next()`` (megatron's schedule pulls each micro-batch there) plus what the data reports as
+    ``prepare_wait_s`` (loaders that load a step's micro-batches before the schedule, as the
+    packed loader does under pipeline parallelism). Resume state and ``close`` pass through."""
+
+    def __init__(self, data):
+        self.data = data
+        self._next_s = 0.0
+        self._prepare_seen = self._prepare_total()
+
+    def _prepare_total(self) -> float:
+        return getattr(self.data, "prepare_wait_s", 0.0)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        start = time.perf_counter()
+        try:
+            return next(self.data)
+        finally:
+            self._next_s += time.perf_counter() - start
+
+    def take_wait_s(self) -> float:
+        """Seconds blocked on data since the last call."""
+        prepare = self._prepare_total()
+        waited = self._next_s + prepare - self._prepare_seen
+        self._next_s, self._prepare_seen = 0.0, prepare
+        return waited
+
+    def state_dict(self) -> dict:
+        return self.data.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.data.load_state_dict(state)
+
+    def close(self) -> None:
+        """Stop the data's workers, if it has any."""
+        if hasattr(self.data, "close"):
+            self.data.close()
+
+
+def data_wait_metrics(wait_s: float, step_time_s: float) -> dict[str, float]:
+    """``data_wait_s`` and ``data_wait``, its fraction of the step. ``wait_s`` is the slowest
+    rank's (every rank waits for it at the gradient reduction) and ``step_time_s`` the logging
+    rank's: the two clocks can differ by the skew between the ranks' step starts, hence the
+    clamp to 1."""
+    return {"data_wait_s": wait_s, "data_wait": min(1.0, wait_s / max(step_time_s, 1e-9))}
+
+
 class MetricsSink:
     """Rank 0 writes: one stdout line per log interval (with units), TensorBoard scalars, and a
     tqdm bar when stdout is a terminal."""
@@ -121,7 +173,8 @@ _UNITS = {"loss": ("loss", "{!r}"), "lr": ("lr", "{:.3e}"), "grad_norm": ("grad 
           "image_tokens_per_s": ("image tokens/s", "{:,.0f}"),
           "text_tokens_per_s": ("text tokens/s", "{:,.0f}"),
           "tflops_per_device": ("TFLOP/s/device", "{:.3f}"), "mfu": ("MFU", "{:.2%}"),
-          "step_time_s": ("s/step", "{:.3f}")}
+          "step_time_s": ("s/step", "{:.3f}"), "data_wait_s": ("data wait s/step", "{:.3f}"),
+          "data_wait": ("data_wait", "{:.3f}")}
 
 
 def format_line(step: int, values: dict[str, float]) -> str:

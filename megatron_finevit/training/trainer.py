@@ -27,7 +27,13 @@ from megatron_finevit.training.checkpointing import (
     load_checkpoint,
     save_checkpoint,
 )
-from megatron_finevit.training.metrics import MetricsSink, Throughput, peak_tflops
+from megatron_finevit.training.metrics import (
+    DataWaitTimer,
+    MetricsSink,
+    Throughput,
+    data_wait_metrics,
+    peak_tflops,
+)
 from megatron_finevit.training.optim import build_optimizer, build_scheduler
 from megatron_finevit.training.preemption import PreemptionHandler, handler_for_run
 from megatron_finevit.training.preflight import check_run, launch_world_size
@@ -111,7 +117,7 @@ class Trainer:
         set_seed(cfg.seed)
         self.bf16 = cfg.params_dtype() == torch.bfloat16
         self._build_model_and_optimizer()
-        self.data = self.stage.build_data(self.dp_rank, self.dp_size)
+        self.data = DataWaitTimer(self.stage.build_data(self.dp_rank, self.dp_size))
         self.state = TrainState()
         self._maybe_load()
         self.is_logger = dist.get_rank() == dist.get_world_size() - 1  # last PP stage has the loss
@@ -283,11 +289,13 @@ class Trainer:
             while not stopped_by_signal and self.state.step < cfg.train_steps:
                 start = time.perf_counter()
                 metrics = self.train_step()
+                data_wait_s = self._data_wait_s()
                 if metrics is not None and "loss" in metrics:
                     self.loss_history.append(metrics["loss"])
                 step = self.state.step
                 if metrics is not None and (step % cfg.logging.log_interval == 0 or step == cfg.train_steps):
                     metrics["step_time_s"] = time.perf_counter() - start
+                    metrics.update(data_wait_metrics(data_wait_s, metrics["step_time_s"]))
                     metrics.update(self.throughput.rates())
                     self.throughput.reset()
                     self.sink.step(step, metrics)
@@ -308,9 +316,17 @@ class Trainer:
             return {"state": asdict(self.state), "losses": self.loss_history,
                     "evaluations": evaluations, "stopped_by_signal": stopped_by_signal}
         finally:
+            self.data.close()  # decode workers stop with the run, also on an exception
             if handler is not None:
                 handler.release()
             self.sink.close()
+
+    def _data_wait_s(self) -> float:
+        """Seconds the step waited for data on its slowest rank (a collective: every step)."""
+        wait = torch.tensor([self.data.take_wait_s()], dtype=torch.float64,
+                            device=collective_device())
+        dist.all_reduce(wait, op=dist.ReduceOp.MAX)
+        return wait.item()
 
 
 def _mean_metrics(outputs: list[dict]) -> dict[str, float]:
