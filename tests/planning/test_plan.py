@@ -1,0 +1,137 @@
+"""The planner: its FLOP and activation models against the built tiny towers (one spawned world
+for the self-check and the parameter counts), ``tools/plan.py``'s output and its user errors, and
+a FLOP number worked by hand."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_finevit.config.vit import tiny_vit
+from megatron_finevit.planning.flops import vit_tower_flops
+from megatron_finevit.testing.multirank import run_world
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def measured_world(rank: int, world_size: int) -> dict:
+    """The self-check, then ``{module: (planned params, numel of the built module)}``."""
+    from megatron_finevit.config.text import tiny_text
+    from megatron_finevit.models.heads import MAPHead, MIMHead
+    from megatron_finevit.models.llm import build_qwen3
+    from megatron_finevit.models.text_tower import build_text_tower
+    from megatron_finevit.models.vit import FineViTModel
+    from megatron_finevit.models.vlm import FineViTVLModel
+    from megatron_finevit.planning import params
+    from megatron_finevit.planning.selfcheck import selfcheck_world
+    from megatron_finevit.testing.finevit_vl_parity import tiny_vl_config
+
+    result = selfcheck_world(rank, world_size)
+    numel = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    vit, text, vl = tiny_vit(), tiny_text(), tiny_vl_config()
+    tc = vit.to_transformer_config()
+    result["params"] = {
+        "vit_mim": (params.vit_params(vit, mask_token=True),
+                    numel(FineViTModel(vit, tc, mask_token=True))),
+        "mim_head": (params.mim_head_params(vit, 32), numel(MIMHead(tc, 32))),
+        "map_head": (params.map_head_params(vit, 48), numel(MAPHead(tc, 48))),
+        "text_tower": (params.text_tower_params(text),
+                       numel(build_text_tower(text, text.to_transformer_config()))),
+        "qwen3": (params.llm_params(vl.llm),
+                  numel(build_qwen3(vl.llm, vl.llm.to_transformer_config()))),
+        "finevit_vl": (params.vit_params(vl.vit) + params.projector_params(vl)
+                       + params.llm_params(vl.llm),
+                       numel(FineViTVLModel(vl, *vl.to_transformer_configs()))),
+    }
+    return result
+
+
+@pytest.fixture(scope="module")
+def measured():
+    (result,) = run_world(measured_world, 1)
+    return result
+
+
+def test_flops_within_two_percent_of_the_counter(measured):
+    from megatron_finevit.planning.selfcheck import relative_error
+
+    assert set(measured["flops"]) == {"vit", "text_tower", "qwen3", "finevit_vl"}
+    assert relative_error(measured["flops"]) < 0.02
+
+
+def test_activations_within_fifteen_percent_of_saved_bytes(measured):
+    from megatron_finevit.planning.selfcheck import relative_error
+
+    assert relative_error(measured["activations"]) < 0.15
+
+
+def test_parameter_counts_equal_the_built_models(measured):
+    for name, (planned, built) in measured["params"].items():
+        assert planned == built, name
+
+
+def test_model_state_bytes_per_parameter():
+    from megatron_finevit.planning.memory import state_bytes
+
+    state = state_bytes(1000, 10, model_parallel=2, data_parallel=4)
+    assert (state.weights, state.grads, state.optimizer, state.frozen) == (1000, 2000, 1500, 20)
+
+
+def test_vit_flops_by_hand():
+    # tiny ViT, 1 layer (h 64, FFN 96), one 28x28 image = 4 patches of 588 values:
+    # patch embed 2·4·588·64 = 301,056; QKV 2·4·64·192 = 98,304; out 2·4·64·64 = 32,768;
+    # fc1 2·4·64·192 = 98,304; fc2 2·4·96·64 = 49,152; scores 4·4²·64 = 4,096 -> forward 583,680;
+    # trained with nothing before it: 3x, less the patch embedding's input gradient.
+    tower = vit_tower_flops(tiny_vit(num_layers=1), [4])
+    assert tower.forward == 583_680
+    assert tower.forward_backward(True, grad_into=False) == 3 * 583_680 - 301_056
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location("plan_tool", REPO / "tools" / "plan.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def values(text: str) -> dict:
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line and " " not in line)
+
+
+def test_cli_plans_a_stage(capsys):
+    tool = load_tool()
+    assert tool.main(["--config", "examples/stage1_mim.yaml", "--nodes", "16", "--gpu", "h200"]) == 0
+    text = capsys.readouterr().out
+    assert "\nlayout_1=" in text
+    out = values(text)
+    for key in ("flops_per_sample", "teacher_flops_per_sample", "flops_per_step", "gpu_hours",
+                "best_layout", "memory_weights_gib", "memory_grads_gib", "memory_optimizer_gib",
+                "memory_frozen_gib", "memory_activations_gib", "step_seconds",
+                "time_to_train_days"):
+        assert key in out, key
+    assert out["stage"] == "mim" and out["world_size"] == "128"
+    assert float(out["teacher_flops_per_sample"]) > 0 and float(out["memory_frozen_gib"]) > 0
+
+
+def test_cli_paper_programme(capsys):
+    tool = load_tool()
+    assert tool.main(["--paper"]) == 0
+    out = capsys.readouterr().out
+    for stage in ("stage1_mim", "stage2_contrastive", "stage3_align", "sft_phase1", "sft_phase2"):
+        assert f"{stage}: samples=" in out
+    assert float(values(out)["total_gpu_hours"]) > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "examples/stage1_mim.yaml", "--gpu", "v100"], "error: --gpu 'v100': choose one"),
+    (["--config", "missing.yaml"], "error: --config missing.yaml: no such file"),
+    (["--nodes"], "error: argument --nodes: expected one argument"),
+])
+def test_cli_user_errors(args, message):
+    proc = subprocess.run([sys.executable, "tools/plan.py", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(message), lines
