@@ -28,11 +28,12 @@ Phases and resume. ``phases`` is a list of ``(start_step, ResizePolicy)``; ``set
 (called by the stage before each step) switches phase when ``step`` crosses a start. Each phase has
 its own sampler (sizes differ), seeded by (seed, phase), starting at its first epoch. ``state_dict``
 holds the phase and its sampler's state (plain ints and lists), so a resumed run yields exactly the
-packs the uninterrupted one would have. With packs in flight the sampler is ahead of the consumer:
-each drawn pack keeps the sampler state from before it was drawn, and ``state_dict`` saves the one
-of the oldest unconsumed pack (the consumer's position); packs in flight are dropped, the sampler
-rewound to that position, on a phase switch, a ``load_state_dict`` and ``close``. MIM masks are drawn from a generator seeded by (seed,
-dp_rank, phase, pack number), so they need no state of their own.
+packs the uninterrupted one would have. MIM masks are drawn from a generator seeded by (seed,
+dp_rank, phase, pack number), so they need no state of their own. With packs in flight the
+sampler is ahead of the consumer: each drawn pack keeps the sampler state from before it was
+drawn, and ``state_dict`` saves the one of the oldest unconsumed pack (the consumer's position);
+on a phase switch, ``load_state_dict`` and ``close`` the packs in flight are dropped and the
+sampler rewound to that position.
 
 Pipeline parallelism: ranks that need no pixels (middle pipeline stages) pass
 ``decode_pixels=False``; they get the same pack layout with zero patches. With a ``pipeline``

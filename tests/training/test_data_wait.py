@@ -1,13 +1,14 @@
-"""The trainer's data_wait: the time a step is blocked on its micro-batches, logged per step (seconds
-and fraction of the step) and written to TensorBoard. A loader that sleeps in ``next()`` gives a
-lower bound the measurement must reach whatever the machine's load; a fast one stays below it."""
+"""The trainer's data_wait: the time a step is blocked on its micro-batches, logged per step
+(seconds and fraction of the step) and written to TensorBoard. A loader that sleeps in ``next()``
+gives a lower bound the measurement must reach whatever the machine's load; a fast one stays
+below it."""
 
 import time
 
 import pytest
 
-from megatron_finevit.training.metrics import DataWaitTimer
 from megatron_finevit.testing.multirank import run_world
+from megatron_finevit.training.metrics import DataWaitTimer
 
 SLEEP_S = 0.1      # per micro-batch
 MICROBATCHES = 2   # per step: global batch 4, micro-batches of 2, one rank
