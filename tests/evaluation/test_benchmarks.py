@@ -71,7 +71,8 @@ class FakeEncoders:
     """Encoders with chosen embeddings: image ``ident`` -> ``image_emb[ident]``, text ``"t<j>"``
     (or a prompt holding a class name) -> ``text_emb[j]``. Decoding is the real PIL decoder."""
 
-    def __init__(self, image_emb, text_emb=None, prompt_class=None, image_batch=3):
+    def __init__(self, image_emb, text_emb=None, prompt_class=None, image_batch=3,
+                 text_batch=4):
         self.image_emb, self.text_emb, self.prompt_class = image_emb, text_emb, prompt_class
         self.texts_seen: list[str] = []
         mean = Normalization().mean[0] * 255
@@ -90,7 +91,7 @@ class FakeEncoders:
 
         self.encoders = Encoders(decode=lambda data: decode_pil(data, ResizePolicy()),
                                  embed_images=embed_images, embed_texts=embed_texts,
-                                 image_batch=image_batch, text_batch=4)
+                                 image_batch=image_batch, text_batch=text_batch)
 
 
 def _rank_hits(scores_row: np.ndarray, correct: set, k: int) -> bool:
@@ -294,7 +295,7 @@ def test_imagenet_v2_with_open_clip_names_and_templates(tmp_path):
     predicted = [7, 300, 998]
     # the image's own class second: a top-5 hit where top-1 misses
     image_emb = torch.eye(1000)[predicted] + 0.5 * torch.eye(1000)[[7, 300, 999]]
-    fake = FakeEncoders(image_emb, torch.eye(1000), prompt_class=prompts)
+    fake = FakeEncoders(image_emb, torch.eye(1000), prompt_class=prompts, text_batch=4000)
     got = run_benchmark("imagenet_v2", tmp_path, fake.encoders)
     assert got["top1"] == pytest.approx(2 / 3) and got["top5"] == 1.0
     assert len(fake.texts_seen) == 80_000
