@@ -131,7 +131,9 @@ def imagenet_v2(root: Path) -> ClassificationSet:
 
 def imagenet_real(root: Path) -> ClassificationSet:
     """ImageNet validation images (either layout) with ReaL's ``real.json`` label sets."""
-    real = _read_json(root / "real.json") if (root / "real.json").is_file() else None
+    if not (root / "real.json").is_file():
+        raise BenchmarkDataError(f"{root} has no real.json (ReaL's labels)")
+    real = _read_json(root / "real.json")
     if not isinstance(real, list) or not all(isinstance(r, list) for r in real):
         raise BenchmarkDataError(f"{root}/real.json must be a list of label lists "
                                  "(ReaL's real.json)")
@@ -156,15 +158,20 @@ def karpathy(json_name: str, default_dir: str) -> Callable[[Path], RetrievalSet]
         if not isinstance(entries, dict) or not isinstance(entries.get("images"), list):
             raise BenchmarkDataError(f"{split}: expected {{'images': [...]}}")
         images, captions, owner = [], [], []
-        for entry in entries["images"]:
+        for number, entry in enumerate(entries["images"]):
             if entry.get("split") != "test":
                 continue
-            sentences = [s["raw"].strip() for s in entry["sentences"]][:KARPATHY_CAPTIONS]
+            try:
+                sentences = [s["raw"].strip() for s in entry["sentences"]][:KARPATHY_CAPTIONS]
+                path = root / entry.get("filepath", default_dir) / entry["filename"]
+            except (KeyError, TypeError, AttributeError):
+                raise BenchmarkDataError(f"{split}: image {number} needs 'filename' and "
+                                         "'sentences': [{'raw': ...}]") from None
             if not sentences:
-                raise BenchmarkDataError(f"{split}: {entry['filename']} has no captions")
+                raise BenchmarkDataError(f"{split}: {path.name} has no captions")
             owner += [len(images)] * len(sentences)
             captions += sentences
-            images.append(root / entry.get("filepath", default_dir) / entry["filename"])
+            images.append(path)
         if not images:
             raise BenchmarkDataError(f"{split} has no images in the test split")
         return RetrievalSet(images, captions, owner)

@@ -121,7 +121,8 @@ def test_imagenet_val_synset_folders_and_flat_val_txt(tmp_path):
 
     flat = tmp_path / "flat"
     flat.mkdir()
-    (flat / "val.txt").write_text("ILSVRC2012_val_00000001.JPEG 65\n\nILSVRC2012_val_00000002.JPEG 970\n")
+    (flat / "val.txt").write_text("ILSVRC2012_val_00000001.JPEG 65\n\n"
+                                  "ILSVRC2012_val_00000002.JPEG 970\n")
     data = imagenet_val(flat)
     assert [p.name for p in data.images] == ["ILSVRC2012_val_00000001.JPEG",
                                              "ILSVRC2012_val_00000002.JPEG"]
@@ -158,6 +159,9 @@ def test_imagenet_real_order_and_excluded_images(tmp_path):
     (tmp_path / "real.json").write_text(json.dumps([[5], [1]]))
     with pytest.raises(BenchmarkDataError, match="holds 4 images but real.json lists 2"):
         imagenet_real(tmp_path)
+    (tmp_path / "real.json").unlink()
+    with pytest.raises(BenchmarkDataError, match="has no real.json"):
+        imagenet_real(tmp_path)
 
 
 def test_karpathy_splits(tmp_path):
@@ -177,6 +181,9 @@ def test_karpathy_splits(tmp_path):
         entry("1.jpg", "test", 5), entry("2.jpg", "val", 5)]}))
     assert BENCHMARKS["flickr30k"].load(tmp_path).images == [
         tmp_path / "flickr30k-images" / "1.jpg"]
+    (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": [{"split": "test"}]}))
+    with pytest.raises(BenchmarkDataError, match="image 0 needs 'filename' and 'sentences'"):
+        BENCHMARKS["coco"].load(tmp_path)
     with pytest.raises(BenchmarkDataError, match="no dataset_x.json"):
         karpathy("dataset_x.json", "")(tmp_path)
 
@@ -275,7 +282,8 @@ def test_real_multilabel_top1_and_excluded_images(tmp_path):
     # brute force: the argmax is in the image's label set
     labels = {0: [0], 1: [1, 2], 3: [0, 3]}
     scores = _unit(image_emb) @ np.eye(4)
-    assert real["top1"] == np.mean([int(np.argmax(scores[i])) in labels[i] for i in labels]) == 2 / 3
+    brute = np.mean([int(np.argmax(scores[i])) in labels[i] for i in labels])
+    assert real["top1"] == brute == 2 / 3
     assert real["num_images"] == 3 and plain["num_images"] == 4
     assert plain["top1"] == 1 / 4  # plain labels 0, 1, 3, 3: only image 0 is right
 
@@ -355,7 +363,8 @@ def test_cli_benchmark_on_tiny_checkpoint(tiny_checkpoint, tmp_path):
     assert (metrics["num_images"], metrics["num_captions"], metrics["skipped_images"]) == (5, 5, 1)
     assert all(0 <= metrics[f"{d}_r{k}"] <= 1 for d in ("i2t", "t2i") for k in (1, 5, 10))
     assert metrics["i2t_r5"] == metrics["t2i_r5"] == 1.0  # 5 candidates
-    assert "urban1k retrieval over 5 images / 5 captions; 1 skipped (corrupt_image=1)" in proc.stdout
+    assert ("urban1k retrieval over 5 images / 5 captions; 1 skipped (corrupt_image=1)"
+            in proc.stdout)
 
 
 def test_cli_benchmark_missing_data_dir(tiny_checkpoint, tmp_path):
