@@ -14,7 +14,9 @@ Start method. Workers come from a *forkserver* (spawn where there is none): the 
 gloo/NCCL threads and possibly CUDA by the time the loader starts, and ``fork`` copies a process
 with other threads' locks held (a child can deadlock in its first malloc or OpenMP call). The
 forkserver is a fresh interpreter that preloads this module (torch, PIL) once; each worker is a
-cheap fork of it. As with spawn, the entry script needs a ``__main__`` guard.
+cheap fork of it. As under spawn, each worker imports the entry script (Python 3.11's forkserver
+does not preload it), so it needs a ``__main__`` guard and a light top level: heavy imports
+(megatron) belong inside functions, as in ``megatron_finevit.train``, or every worker pays them.
 
 Lifetime. Workers ignore SIGINT/SIGTERM/SIGUSR1: a pre-emption signal is the trainer's to act
 on (finish the step, checkpoint), and a worker dying of it would break the step it must finish.
@@ -182,7 +184,7 @@ class DecodePool:
         if self._executor is None:
             context = multiprocessing.get_context(start_method())
             if context.get_start_method() == "forkserver":
-                # what every worker imports, once in the server (ignored if it already runs)
+                # imported once in the server, not per worker (ignored if it already runs)
                 context.set_forkserver_preload([__name__])
             self._executor = ProcessPoolExecutor(self.num_workers, mp_context=context,
                                                  initializer=_init_worker)
