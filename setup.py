@@ -47,6 +47,8 @@ setup(
     description="Megatron-core training codebase for the FineViT native-resolution vision encoder",
     python_requires=">=3.11",
     packages=find_packages(include=["megatron_finevit", "megatron_finevit.*"]),
+    # open_clip's ImageNet class names and templates (zero-shot benchmarks) ship as data
+    package_data={"megatron_finevit.evaluation": ["data/*.json", "data/*.md"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
 )
