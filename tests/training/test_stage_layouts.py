@@ -18,7 +18,8 @@ from megatron_finevit.testing.multirank import run_world
 from megatron_finevit.testing.stage_assets import make_stage_assets, tiny_run
 
 STAGES = ("mim", "contrastive")
-LAYOUTS = {"tp2_sp": dict(tp=2, sp=True), "pp2": dict(pp=2), "cp2": dict(cp=2),
+# PP2 decodes in two worker processes per rank (data.num_workers): the same packs and skips
+LAYOUTS = {"tp2_sp": dict(tp=2, sp=True), "pp2": dict(pp=2, workers=2), "cp2": dict(cp=2),
            "pp3": dict(pp=3), "cp4": dict(cp=4)}
 STEPS = 3
 NUM_LAYERS = 6  # splits evenly over two and three pipeline stages
@@ -31,10 +32,11 @@ def _world_size(layout: dict) -> int:
     return layout.get("tp", 1) * layout.get("pp", 1) * layout.get("cp", 1)
 
 
-def _config(stage, assets, steps, **layout):
+def _config(stage, assets, steps, workers=0, **layout):
     cfg = tiny_run(stage, assets, steps=steps, eval_data_dir=assets["eval"],
                    vit_overrides={"num_layers": NUM_LAYERS}, **layout)
-    cfg.stage_config["data"].update(pack_tokens=PACK_TOKENS, image_token_multiple=TOKEN_MULTIPLE)
+    cfg.stage_config["data"].update(pack_tokens=PACK_TOKENS, image_token_multiple=TOKEN_MULTIPLE,
+                                    num_workers=workers)
     return cfg
 
 
@@ -74,6 +76,8 @@ def single_rank_world(rank, world_size, assets, init_dirs):
         bad = _config("mim", assets, STEPS, cp=2)
         bad.stage_config["data"]["image_token_multiple"] = 6
         get_stage("mim")(bad)
+    with pytest.raises(ValueError, match="num_workers=-1 must be an integer >= 0"):
+        get_stage("mim")(_config("mim", assets, STEPS, workers=-1))
     for stage in STAGES:
         init = _config(stage, assets, steps=0)
         init.checkpoint.dir = init_dirs[stage]

@@ -47,6 +47,9 @@ class DataSection:
     min_fill: float = 0.9
     decoder: str = "pil"
     use_draft: bool = False            # faster reduced-scale JPEG decode
+    # processes decoding the next packs while the step computes (0: in the training process);
+    # packs, pixels, bad-sample counts and resume are the same for any number
+    num_workers: int = 0
     # Mean ViT tokens per image, one per resolution phase (max_pixels, then each schedule entry):
     # an estimate for `--dry-run` where data.dir has no index (with one, the index is used).
     mean_tokens_per_sample: list[float] = field(default_factory=list)
@@ -77,6 +80,9 @@ def _data_problems(d: DataSection) -> list[str]:
     if means and (len(means) != phases or min(means) <= 0):
         problems.append(f"stage_config.data.mean_tokens_per_sample={means} needs one positive "
                         f"value per resolution phase ({phases})")
+    if not isinstance(d.num_workers, int) or isinstance(d.num_workers, bool) or d.num_workers < 0:
+        problems.append(f"stage_config.data.num_workers={d.num_workers!r} must be an integer "
+                        ">= 0 (0: decode in the training process)")
     return problems
 
 
@@ -180,7 +186,7 @@ class VisionStage:
             seed=self.run.seed if seed is None else seed, buffer_size=d.buffer_size,
             min_fill=d.min_fill, mask_ratio=mask_ratio, decode_pixels=decode_pixels,
             decoder=d.decoder, use_draft=d.use_draft, token_multiple=self.image_token_multiple,
-            pipeline=pipeline_group())
+            pipeline=pipeline_group(), num_workers=d.num_workers)
 
     def encoder_input(self, batch: PackedImageBatch):
         """The pack laid out for this rank (CP chunks, SP split, fixed size)."""
