@@ -241,6 +241,27 @@ def test_exported_checkpoint_generates_megatrons_tokens_through_the_processor(ru
     assert len(generation["ids"]) > 0 and hf_ids == generation["ids"]
 
 
+def test_vlmevalkit_wrapper_answers_with_megatrons_tokens(runs, tmp_path):
+    """``evaluation.vlmeval.FineViTVLChat`` (VLMEvalKit's custom-model interface) on the export:
+    a message built as VLMEvalKit passes it (image path, then the question) gives megatron's
+    greedy tokens, and ``generate`` their text; plain strings normalise as VLMEvalKit's do."""
+    from megatron_finevit.evaluation.vlmeval import FineViTVLChat, normalise_message
+
+    single, _, dirs = runs
+    generation = single["generation"]
+    image = tmp_path / "held_out.jpg"
+    image.write_bytes(generation["image"])
+    model = FineViTVLChat(dirs["hf"], max_new_tokens=GENERATION_TOKENS, max_pixels=112 * 112)
+    message = [{"type": "image", "value": str(image)},
+               {"type": "text", "value": GENERATION_QUESTION}]
+    assert model.answer_ids(message) == generation["ids"]
+    expected = model.processor.tokenizer.decode(generation["ids"], skip_special_tokens=True)
+    assert model.generate(message, dataset="RefCOCO") == expected.strip()
+    assert normalise_message([str(image), GENERATION_QUESTION]) == message
+    with pytest.raises(ValueError, match="needs type image|text"):
+        normalise_message([{"type": "video", "value": "x.mp4"}])
+
+
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_losses_equal_single_rank(runs, name):
     single, pair, _ = runs
