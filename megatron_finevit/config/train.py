@@ -23,6 +23,61 @@ class ParallelSection:
     context_parallel: int = 1
     sequence_parallel: bool = False
     distributed_optimizer: bool = True
+    # megatron-core's features for scale, passed through (README "Overlap and fusion"):
+    overlap_grad_reduce: bool = False   # DDP: reduce gradient buckets during the backward pass
+    overlap_param_gather: bool = False  # DDP: all-gather updated weights in the next forward
+    bucket_size: int | None = None      # DDP bucket in elements; None: megatron's max(4e7, 1e6·DP)
+    gradient_accumulation_fusion: bool = False  # wgrad GEMM adds into main_grad (APEX / TE kernel)
+    tp_comm_overlap: bool = False       # TE userbuffers: TP collectives inside the GEMMs (GPU)
+
+    def problems(self, engine: str, stage_config: dict) -> list[str]:
+        """One line per combination megatron-core cannot run (its asserts, as config errors)."""
+        problems = []
+        if engine == "deepspeed" and (self.overlap_grad_reduce or self.overlap_param_gather
+                                      or self.bucket_size is not None):
+            problems.append("parallel.overlap_grad_reduce, overlap_param_gather and bucket_size "
+                            "configure megatron's DDP: engine 'deepspeed' does not use them")
+        if self.overlap_param_gather and not self.distributed_optimizer:
+            problems.append("parallel.overlap_param_gather needs parallel.distributed_optimizer")
+        if self.overlap_param_gather and not self.overlap_grad_reduce:
+            # megatron-LM's arguments.py asserts the same: the gather is chained to the reduce
+            problems.append("parallel.overlap_param_gather needs parallel.overlap_grad_reduce")
+        if self.bucket_size is not None and self.bucket_size < 1:
+            problems.append(f"parallel.bucket_size={self.bucket_size} must be >= 1 or null")
+        if self.gradient_accumulation_fusion and not _wgrad_fusion_available(stage_config):
+            problems.append("parallel.gradient_accumulation_fusion needs a CUDA device and "
+                            "APEX's fused_weight_gradient_mlp_cuda (spec_backend local) or "
+                            "TransformerEngine (spec_backend te); not found here")
+        if self.tp_comm_overlap:
+            local = [t for t, b in _spec_backends(stage_config).items() if b != "te"]
+            if local:
+                problems.append("parallel.tp_comm_overlap needs spec_backend te (TransformerEngine "
+                                f"userbuffers); {', '.join(local)} use(s) another spec")
+            if self.tensor_parallel < 2 or not self.sequence_parallel:
+                problems.append("parallel.tp_comm_overlap needs tensor_parallel >= 2 and "
+                                "sequence_parallel")
+        return problems
+
+
+def _spec_backends(stage_config: dict) -> dict[str, str]:
+    """The layer spec of each tower the stage config names (``<tower>_overrides.spec_backend``;
+    the presets and model configs default to local)."""
+    return {tower: (stage_config.get(f"{tower}_overrides") or {}).get("spec_backend", "local")
+            for tower in ("vit", "text", "llm") if tower in stage_config}
+
+
+def _wgrad_fusion_available(stage_config: dict) -> bool:
+    """Whether megatron can fuse the weight-gradient accumulation here: its local linear layers
+    raise at construction without APEX's kernel, TE's layers fuse it themselves."""
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    kernels = {"local": "fused_weight_gradient_mlp_cuda", "te": "transformer_engine"}
+    return all(importlib.util.find_spec(kernels.get(backend, backend)) is not None
+               for backend in set(_spec_backends(stage_config).values()) or {"local"})
 
 
 @dataclass
@@ -112,6 +167,7 @@ class TrainConfig:
             if (p.tensor_parallel, p.pipeline_parallel, p.context_parallel) != (1, 1, 1):
                 problems.append("engine 'deepspeed' is data parallel only: set tensor, pipeline "
                                 "and context parallel to 1")
+        problems += self.parallel.problems(self.engine, self.stage_config)
         if self.checkpoint.save_interval and not self.checkpoint.dir:
             problems.append("checkpoint.save_interval is set but checkpoint.dir is not")
         return problems

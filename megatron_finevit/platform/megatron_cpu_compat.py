@@ -10,7 +10,8 @@ Rules:
   nothing changes on a GPU cluster — except ``torch_adam_step_on_load``, which answers a bug of
   megatron's torch-Adam fallback, not of the CPU: ``apply_torch_adam_fixes`` applies it on a GPU
   too when neither TransformerEngine nor Apex provides megatron's fused Adam (found by the GPU
-  test of an exact resume, tests/gpu).
+  test of an exact resume, tests/gpu); and ``RESHARDABLE_SAVE_BUCKET_PADDING``, a megatron bug
+  of the distributed optimizer's save with several DDP buckets, applied on every device.
 - Applying is idempotent, and every shim can be removed again (``remove_cpu_compat``), which lets
   the tests prove that each shim is needed: remove it, watch the megatron-core call it answers
   fail, put it back, watch it pass (tests/platform/test_megatron_cpu_compat.py).
@@ -386,6 +387,60 @@ SHIMS.append(
              "setup_embeddings_and_output_layer", _with_tensor_cuda_as_identity),
         ],
     )
+)
+
+
+def _pad_between_buckets(optimizer, state: dict) -> None:
+    """Lay each flat world tensor of ``get_parameter_state_dp_zero`` (buckets back to back, their
+    padding dropped) out as the buffer is (zeros in the padding), in place."""
+    for gbuf_idx, by_dtype in state.items():
+        if not isinstance(gbuf_idx, int):  # "buckets_coalesced"
+            continue
+        buffer = optimizer.buffers[gbuf_idx]
+        for tensors in by_dtype.values():
+            for key, flat in tensors.items():
+                if not torch.is_tensor(flat) or flat.numel() != buffer.numel_unpadded:
+                    continue
+                padded, start = flat.new_zeros(buffer.numel), 0
+                for bucket in buffer.buckets:
+                    end = start + bucket.numel_unpadded
+                    padded[bucket.offset:bucket.offset + bucket.numel_unpadded] = flat[start:end]
+                    start = end
+                tensors[key] = padded
+
+
+def _with_padded_world_tensors(original):
+    def sharded_param_state_fully_reshardable(self, *args, **kwargs):
+        gather = self.get_parameter_state_dp_zero
+
+        def gather_padded(*gather_args, **gather_kwargs):
+            state = gather(*gather_args, **gather_kwargs)
+            if state is not None:
+                _pad_between_buckets(self, state)
+            return state
+
+        self.get_parameter_state_dp_zero = gather_padded  # for this call only
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            del self.get_parameter_state_dp_zero
+
+    return sharded_param_state_fully_reshardable
+
+
+# Not a CPU shim (so not in SHIMS): a megatron-core bug on any device, applied by
+# ``training.optim.build_optimizer`` (found by tests/training/test_overlap_features.py).
+RESHARDABLE_SAVE_BUCKET_PADDING = Shim(
+    name="reshardable_save_bucket_padding",
+    answers=(
+        "optimizer/distrib_optimizer.py sharded_param_state_fully_reshardable slices the world "
+        "tensors of get_parameter_state_dp_zero at param_index_map's buffer offsets, which count "
+        "the padding between buckets that get_parameter_state_dp_zero drops ('param range exceeds "
+        "unpadded buffer', its TODO issue #504): with more than one bucket (overlap_grad_reduce, "
+        "bucket_size) every parameter after the first padded bucket saved another's Adam state"
+    ),
+    targets=[("megatron.core.optimizer.distrib_optimizer:DistributedOptimizer",
+              "sharded_param_state_fully_reshardable", _with_padded_world_tensors)],
 )
 
 

@@ -40,9 +40,13 @@ def build_optimizer(cfg: TrainConfig, model_chunks, bf16: bool, overrides: dict 
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.optimizer import get_megatron_optimizer
 
-    from megatron_finevit.platform.megatron_cpu_compat import apply_torch_adam_fixes
+    from megatron_finevit.platform.megatron_cpu_compat import (
+        RESHARDABLE_SAVE_BUCKET_PADDING,
+        apply_torch_adam_fixes,
+    )
 
     apply_torch_adam_fixes()  # megatron's torch-Adam fallback cannot reload its state otherwise
+    RESHARDABLE_SAVE_BUCKET_PADDING.apply()  # several DDP buckets would save shifted states
     register_group_name()
     for chunk in model_chunks:
         chunk.config.finalize_model_grads_func = finalize_model_grads
@@ -63,6 +67,8 @@ def optimizer_config(cfg: TrainConfig, bf16: bool):
         optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
         adam_beta1=o.beta1, adam_beta2=o.beta2, adam_eps=o.eps, clip_grad=o.clip_grad,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        # megatron documents it as the DDP config's value repeated (the trainer passes both)
+        overlap_param_gather=cfg.parallel.overlap_param_gather,
         bf16=bf16, fp16=False,
     )
 

@@ -10,6 +10,7 @@ It knows nothing about what is trained: everything stage-specific comes from a `
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -65,10 +66,39 @@ def build_model_chunks(stage, cfg: TrainConfig, bf16: bool) -> list:
     """This rank's model chunk, built by the stage and wrapped in megatron DDP."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
+    from megatron_finevit.config.errors import ConfigError
+
+    p = cfg.parallel
     model = build_stage_module(stage, bf16)
+    config = stage.transformer_config()
+    # Both are TransformerConfig fields the stage's layers read when built: refuse a run whose
+    # stage did not build them in rather than train without what the YAML asked for.
+    for key in ("gradient_accumulation_fusion", "tp_comm_overlap"):
+        if getattr(p, key) and not getattr(config, key):
+            raise ConfigError(f"parallel.{key}: stage {cfg.stage!r} does not build its layers "
+                              "with it")
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.parallel.distributed_optimizer)
-    return [DistributedDataParallel(stage.transformer_config(), ddp_config, model)]
+        grad_reduce_in_fp32=True, use_distributed_optimizer=p.distributed_optimizer,
+        overlap_grad_reduce=p.overlap_grad_reduce, overlap_param_gather=p.overlap_param_gather,
+        bucket_size=p.bucket_size)
+    return [DistributedDataParallel(config, ddp_config, model)]
+
+
+@contextlib.contextmanager
+def params_gathered(model_chunks: list):
+    """Every rank holds the full updated weights inside this block. With overlap_param_gather the
+    distributed optimizer leaves the all-gather to the next forward's pre-hooks, so evaluation
+    and checkpoints gather synchronously and run without the hooks (megatron-LM's training.py
+    does the same around eval and save)."""
+    hooked = [chunk for chunk in model_chunks
+              if getattr(getattr(chunk, "ddp_config", None), "overlap_param_gather", False)]
+    for chunk in hooked:
+        chunk.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        for chunk in hooked:
+            chunk.enable_forward_pre_hook()
 
 
 def _unwrap(chunk):
@@ -152,9 +182,10 @@ class Trainer:
             self.optimizer.reload_model_params()
 
     def save(self) -> None:
-        save_checkpoint(self.cfg.checkpoint.dir, _unwrap(self.model[0]), self.optimizer,
-                        self.scheduler, self.state, self.data.state_dict(),
-                        config=asdict(self.cfg), keep_last=self.cfg.checkpoint.keep_last)
+        with params_gathered(self.model):
+            save_checkpoint(self.cfg.checkpoint.dir, _unwrap(self.model[0]), self.optimizer,
+                            self.scheduler, self.state, self.data.state_dict(),
+                            config=asdict(self.cfg), keep_last=self.cfg.checkpoint.keep_last)
 
     # --- one step -------------------------------------------------------------------------------
 
@@ -251,7 +282,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         for chunk in self.model:
             chunk.eval()
-        with torch.no_grad():
+        with torch.no_grad(), params_gathered(self.model):
             results = self.stage.evaluate(self.model)
         for chunk in self.model:
             chunk.train()
