@@ -78,6 +78,24 @@ class SigLIPLoss(torch.nn.Module):
                 f"b={self.logit_bias.detach().item():.4g}")
 
 
+def loss_and_embedding_grads(loss: SigLIPLoss, image: torch.Tensor, text: torch.Tensor,
+                             dp_group: dist.ProcessGroup | None, text_grad: bool = True
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The gradient-cache half of ``loss_scope: step``: ``loss_r`` over this rank's embeddings
+    of a whole step (``image``, ``text`` ``[n_local, d]``, computed without autograd) and its
+    gradients ``[n_local, d]`` w.r.t. them (text: None unless ``text_grad``), ring-wise and
+    chunked like ``forward``. ``logit_scale`` and ``logit_bias`` get their gradient here, once
+    (accumulated by autograd, so megatron DDP's hooks add it to their grad buffers); re-running
+    the towers with ``(emb · grad).sum()`` as the loss then gives their parameters' gradients.
+    Returns ``(loss_r detached, image grad, text grad)``."""
+    image = image.detach().requires_grad_()
+    text = text.detach().requires_grad_(text_grad)
+    with torch.enable_grad():
+        value = loss(image, text, dp_group)
+        value.backward()
+    return value.detach(), image.grad, text.grad
+
+
 def _batch_sizes(local: int, device: torch.device, group: dist.ProcessGroup | None) -> list[int]:
     """Local batch size of every rank of ``group`` (``[local]`` without a group)."""
     if group is None:
@@ -92,14 +110,37 @@ def _batch_sizes(local: int, device: torch.device, group: dist.ProcessGroup | No
 
 
 def _block_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
-                logit_bias: torch.Tensor, own_block: bool) -> torch.Tensor:
-    """Σ −log σ(s·z) over one logits block ``z = t · image @ text.T + b`` (``[b_r, b_s]``);
-    the pairs are all negatives, except the diagonal of a rank's ``own_block``."""
+                logit_bias: torch.Tensor, own_block: bool, row_offset: int = 0) -> torch.Tensor:
+    """Σ −log σ(s·z) over one logits block ``z = t · image @ text.T + b`` (``[c, b_s]``);
+    the pairs are all negatives, except in a rank's ``own_block``, whose positives are
+    ``(i, row_offset + i)`` (``image`` holds its rows from ``row_offset`` on)."""
     dtype = torch.promote_types(image.dtype, torch.float32)
     logits = logit_scale.to(dtype).exp() * (image.to(dtype) @ text.to(dtype).T)
     logits = logits + logit_bias.to(dtype)
     loss = F.softplus(logits).sum()
-    return loss - logits.diagonal().sum() if own_block else loss
+    return loss - logits.diagonal(row_offset).sum() if own_block else loss
+
+
+def _chunked_block_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
+                        logit_bias: torch.Tensor, own_block: bool) -> torch.Tensor:
+    """``_block_loss`` of ``[b_r, b_s]`` in row chunks of at most ``CHUNK_LOGITS`` logits."""
+    loss = None
+    for rows in _row_chunks(image.shape[0], text.shape[0]):
+        part = _block_loss(image[rows], text, logit_scale, logit_bias, own_block, rows.start)
+        loss = part if loss is None else loss + part
+    return loss
+
+
+# Most logits one chunk holds (64 MiB in fp32): bounds the loss's working memory whatever the
+# local batch, e.g. ``loss_scope: step`` concatenating every micro-batch of a step. Blocks up to
+# 4096 × 4096 are one chunk, i.e. computed exactly as without chunking.
+CHUNK_LOGITS = 1 << 24
+
+
+def _row_chunks(rows: int, cols: int) -> list[slice]:
+    """Slices of ``rows`` image rows, each scoring at most ``CHUNK_LOGITS`` logits."""
+    step = max(1, CHUNK_LOGITS // max(cols, 1))
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
 class _Ring:
@@ -138,8 +179,8 @@ class _RingSigmoidLoss(torch.autograd.Function):
         block = text.detach()
         total = image.new_zeros((), dtype=torch.promote_types(image.dtype, torch.float32))
         for step in range(ring.world):
-            total = total + _block_loss(image.detach(), block, logit_scale.detach(),
-                                        logit_bias.detach(), own_block=step == 0)
+            total = total + _chunked_block_loss(image.detach(), block, logit_scale.detach(),
+                                                logit_bias.detach(), own_block=step == 0)
             if step < ring.world - 1:
                 (block,) = ring.shift([block], step)
         ctx.ring = ring
@@ -177,11 +218,28 @@ class _RingSigmoidLoss(torch.autograd.Function):
 
 def _block_grads(inputs: tuple[torch.Tensor, ...], need: tuple[bool, ...], weight: torch.Tensor,
                  own_block: bool) -> list[torch.Tensor | None]:
-    """Gradients of ``weight · _block_loss(*inputs)`` w.r.t. (image, text block, logit_scale,
-    logit_bias), ``None`` where ``need`` is False; the block's logits live only in here."""
+    """Gradients of ``weight · _chunked_block_loss(*inputs)`` w.r.t. (image, text block,
+    logit_scale, logit_bias), ``None`` where ``need`` is False; one row chunk's logits live at a
+    time."""
+    image, text, scale, bias = inputs
+    image_grads, totals = [], [None, None, None]  # text block, logit_scale, logit_bias
+    for rows in _row_chunks(image.shape[0], text.shape[0]):
+        g_image, *rest = _chunk_grads((image[rows], text, scale, bias), need, weight, own_block,
+                                      rows.start)
+        image_grads.append(g_image)
+        # summed as they come: one text-block-sized gradient, whatever the number of chunks
+        totals = [g if t is None else t + g for t, g in zip(totals, rest)]
+    if not need[0]:
+        return [None, *totals]
+    return [image_grads[0] if len(image_grads) == 1 else torch.cat(image_grads), *totals]
+
+
+def _chunk_grads(inputs: tuple[torch.Tensor, ...], need: tuple[bool, ...], weight: torch.Tensor,
+                 own_block: bool, row_offset: int) -> list[torch.Tensor | None]:
+    """``_block_grads`` of one row chunk (``_block_loss``'s arguments)."""
     leaves = [t.detach().requires_grad_(n) for t, n in zip(inputs, need)]
     with torch.enable_grad():
-        loss = weight * _block_loss(*leaves, own_block=own_block)
+        loss = weight * _block_loss(*leaves, own_block=own_block, row_offset=row_offset)
         wanted = [leaf for leaf in leaves if leaf.requires_grad]
         grads = iter(torch.autograd.grad(loss, wanted))
     return [next(grads) if leaf.requires_grad else None for leaf in leaves]

@@ -35,7 +35,10 @@ class Stage(Protocol):
     ``--dry-run``: ``config_class`` (that dataclass, with ``input_paths()``: the files the stage
     reads) and ``microbatch_phases()`` (samples per micro-batch, per schedule phase); for the
     logs, ``finalize_metrics(metrics)`` turns the step's averaged metrics into the logged ones
-    (e.g. ratios of summed terms)."""
+    (e.g. ratios of summed terms); for work before megatron's schedule,
+    ``prepare_step(data, model_chunks, num_microbatches)`` returns the iterator the schedule
+    reads (e.g. the step's micro-batches, fetched from ``data`` once and replayed) and may
+    accumulate gradients (the grad buffers are zeroed before it)."""
 
     name: str
 

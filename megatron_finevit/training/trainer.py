@@ -205,9 +205,12 @@ class Trainer:
         self.optimizer.zero_grad()
         seq_length, micro_batch_size = self.stage.sequence_shape()
         work: list = []
+        data = self.data
+        if hasattr(self.stage, "prepare_step"):  # after zeroing: it may accumulate gradients
+            data = self.stage.prepare_step(self.data, self.model, self.microbatches_per_rank)
         outputs = get_forward_backward_func()(
             forward_step_func=partial(self._forward_step, work=work),
-            data_iterator=self.data,
+            data_iterator=data,
             model=self.model,
             num_microbatches=self.microbatches_per_rank,
             seq_length=seq_length,

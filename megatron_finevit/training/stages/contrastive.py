@@ -20,6 +20,16 @@ Schedules (all functions of the step, so a resumed run applies the same ones):
   then the optimiser's main copy is refreshed — parameters are never replaced, so DDP buffers and
   optimiser state stay valid.
 
+Loss scope (``loss_scope``): with ``micro_batch`` each micro-batch's forward computes its own
+SigLIP loss over the pairs of that micro-batch index on every DP rank, so a step of ``M``
+micro-batches sees ``M`` separate sets of negatives. With ``step`` (the gradient cache, Gao et
+al. 2021) one loss spans every pair of the step: ``prepare_step`` embeds the step's micro-batches
+without autograd, runs the ring loss over all of them and keeps the gradients w.r.t. the
+embeddings (``logit_scale`` / ``logit_bias`` get theirs there); the schedule then re-runs each
+micro-batch with autograd and backpropagates ``(emb · cached grad).sum()``. Activation memory
+stays one micro-batch's; the towers run forward twice. Not under pipeline parallelism (the
+no-autograd pass would need its own pipeline schedule).
+
 Pipeline parallelism: the text tower, MAP head and loss live on the **last** pipeline stage next
 to the encoder's final layers (the tower is small next to the ViT and its embeddings are needed
 only by the loss); the first stage embeds patches, middle stages pass hidden states. Captions are
@@ -32,6 +42,7 @@ split, and zero-shot classification of the images holding a single shape into th
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -70,6 +81,10 @@ class ContrastiveStageConfig:
     init_logit_scale: float = 2.302585092994046
     init_logit_bias: float = -10.0
     eval_data_dir: str | None = None          # held-out indexed shards for evaluate()
+    # What one SigLIP loss spans: "micro_batch" (each pack's pairs against the packs of the same
+    # micro-batch index on the other DP ranks) or "step" (every pair of the optimiser step:
+    # all micro-batches of all DP ranks, by the gradient cache; DP/TP/CP only, no PP)
+    loss_scope: str = "micro_batch"
     data: DataSection = field(default_factory=DataSection)
 
     def input_paths(self) -> list[InputPath]:
@@ -135,6 +150,31 @@ class ContrastiveModel(MegatronModule):
         return self.siglip(image, text, ps.get_data_parallel_group())
 
 
+LOSS_SCOPES = ("micro_batch", "step")
+
+
+def _loss_scope_problems(scope: str, run: TrainConfig) -> list[str]:
+    if scope not in LOSS_SCOPES:
+        return [f"stage_config.loss_scope must be one of {LOSS_SCOPES}, got {scope!r}"]
+    if scope != "step":
+        return []
+    if run.parallel.pipeline_parallel > 1:
+        return ["stage_config.loss_scope: step is DP/TP/CP only; use micro_batch under "
+                f"pipeline_parallel={run.parallel.pipeline_parallel}"]
+    if run.engine != "megatron":
+        return [f"stage_config.loss_scope: step needs engine megatron, got {run.engine!r}"]
+    return []
+
+
+def _check_no_dropout(*configs) -> None:
+    """``loss_scope: step`` runs every micro-batch twice and needs the same embeddings both
+    times: no dropout (the presets have none)."""
+    for config in configs:
+        if config.hidden_dropout or config.attention_dropout:
+            raise ConfigError("stage_config.loss_scope: step needs hidden_dropout = "
+                              "attention_dropout = 0 (each micro-batch runs twice)")
+
+
 class ContrastiveStage(VisionStage):
     name = "contrastive"
     config_class = ContrastiveStageConfig
@@ -162,6 +202,7 @@ class ContrastiveStage(VisionStage):
         if self.text is not None:
             problems += [f"stage_config.text: {problem}"
                          for problem in self.text.problems(run.parallel.tensor_parallel)]
+        problems += _loss_scope_problems(cfg.loss_scope, run)
         if not cfg.tokenizer:
             problems.append("stage_config.tokenizer must name a SentencePiece .model file "
                             "(tools/train_caption_tokenizer.py makes one for synthetic data)")
@@ -169,6 +210,11 @@ class ContrastiveStage(VisionStage):
             raise ConfigError(problems)
         self._tokenizer = None
         self.module: ContrastiveModel | None = None
+        # loss_scope=step: this step's (image, text) embedding gradients, one per micro-batch in
+        # schedule order, and loss_r of the step (set by prepare_step, consumed by forward_step)
+        self._cached_grads: deque = deque()
+        self._step_loss: torch.Tensor | None = None
+        self._num_microbatches = 0
 
     def microbatch_phases(self) -> list[MicrobatchPhase]:
         """The resolution phases, cut again where the text context changes."""
@@ -216,6 +262,8 @@ class ContrastiveStage(VisionStage):
         text_config = self.text.to_transformer_config(
             tensor_parallel=p.tensor_parallel, sequence_parallel=p.sequence_parallel,
             params_dtype=config.params_dtype)
+        if self.cfg.loss_scope == "step":
+            _check_no_dropout(config, text_config)
         self.module = ContrastiveModel(self.vit, config, self.text, text_config, pre_process,
                                        post_process, self.cfg.init_logit_scale,
                                        self.cfg.init_logit_bias)
@@ -232,21 +280,82 @@ class ContrastiveStage(VisionStage):
                                        decode_pixels=ps.is_pipeline_first_stage())
         return self.loader
 
-    def forward_step(self, batch, model):
+    def model_input(self, batch):
+        """(encoder input laid out for this rank, caption ids or None off the last stage)."""
         inp = self.encoder_input(batch)
         if torch.cuda.is_available():
             inp.patches = inp.patches.cuda()
         text_ids = self.tokenize(batch.captions, self.step) if self.module.post_process else None
+        return inp, text_ids
+
+    def prepare_step(self, data, model_chunks: list, num_microbatches: int):
+        """Before the schedule (trainer hook): the iterator of micro-batches it should read.
+        ``micro_batch`` scope: ``data`` itself. ``step`` scope: fetch the step's micro-batches
+        once (the loader's position advances exactly as the schedule would move it, so resume
+        is unchanged), cache the step loss's gradients w.r.t. their embeddings, and replay
+        them."""
+        if self.cfg.loss_scope != "step":
+            return data
+        batches = [next(data) for _ in range(num_microbatches)]
+        self._num_microbatches = num_microbatches
+        self._cache_embedding_grads(batches, model_chunks[0])
+        return iter(batches)
+
+    def _cache_embedding_grads(self, batches: list, model) -> None:
+        """Embed ``batches`` without autograd ([n_k, d] per micro-batch), compute loss_r over
+        their concatenation (every pair of the step, ring-wise over DP) and queue each
+        micro-batch's slice of the embedding gradients for ``forward_step``."""
+        from megatron.core import parallel_state as ps
+
+        from megatron_finevit.losses.siglip import loss_and_embedding_grads
+
+        with torch.no_grad():
+            embedded = [model(*self.model_input(batch), embeddings=True) for batch in batches]
+        sizes = [e["image"].shape[0] for e in embedded]
+        trainable = self.module.text_trainable
+        # no_sync: logit_scale / logit_bias grads land in the grad buffers now; megatron reduces
+        # them with the others after the last micro-batch
+        with model.no_sync():
+            self._step_loss, g_image, g_text = loss_and_embedding_grads(
+                self.module.siglip, torch.cat([e["image"] for e in embedded]),
+                torch.cat([e["text"] for e in embedded]), ps.get_data_parallel_group(),
+                text_grad=trainable)
+        g_texts = g_text.split(sizes) if trainable else [None] * len(sizes)
+        self._cached_grads = deque(zip(g_image.split(sizes), g_texts))
+
+    def forward_step(self, batch, model):
+        inp, text_ids = self.model_input(batch)
+        if self.cfg.loss_scope == "step":
+            return self._replay_step(inp, text_ids, model)
         output = model(inp, text_ids)
 
         def loss_fn(loss):
-            metrics = {"loss": loss.detach().clone()}
-            siglip = self.module.siglip
-            metrics["logit_scale"] = siglip.logit_scale.detach().exp().reshape(())
-            metrics["logit_bias"] = siglip.logit_bias.detach().reshape(())
-            return loss * inp.cp_loss_scale, metrics
+            return loss * inp.cp_loss_scale, self._metrics(loss)
 
         return output, loss_fn
+
+    def _replay_step(self, inp, text_ids, model):
+        """``loss_scope: step``: re-run one micro-batch with autograd; its loss is the surrogate
+        ``Σ emb · cached grad`` whose gradients are the step loss's, the metric the step loss."""
+        out = model(inp, text_ids, embeddings=True)
+        g_image, g_text = self._cached_grads.popleft()
+        surrogate = (out["image"] * g_image).sum()
+        if g_text is not None:
+            surrogate = surrogate + (out["text"] * g_text).sum()
+        # megatron's schedule scales each micro-batch's loss by cp / num_microbatches; the
+        # cached gradients already hold the whole step's loss (at weight 1), so undo that scale.
+        undo = self._num_microbatches * inp.cp_loss_scale
+
+        def loss_fn(output):
+            return output * undo, self._metrics(self._step_loss)
+
+        return surrogate, loss_fn
+
+    def _metrics(self, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+        siglip = self.module.siglip
+        return {"loss": loss.detach().clone(),
+                "logit_scale": siglip.logit_scale.detach().exp().reshape(()),
+                "logit_bias": siglip.logit_bias.detach().reshape(())}
 
     def work(self, batch) -> tuple[float, float, float]:
         t = self.text
