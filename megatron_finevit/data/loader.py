@@ -1,8 +1,13 @@
 """Per-stage, resumable loader of packed image(+caption) micro-batches for one data-parallel rank.
 
     shard dir + index.zarr ─ sizes under the current ResizePolicy ─ PackedBatchSampler (fixed pack)
-      ─ random-access reads of the pack's samples (tar offsets) ─ PIL decode + smart_resize
-      ─ PackedImages padded to ``pack_tokens`` (+ captions, keys, Stage I MIM masks)
+      ─ random-access reads of the pack's samples (tar offsets) ─ decode + smart_resize (DALI
+      or PIL) ─ PackedImages padded to ``pack_tokens`` (+ captions, keys, Stage I MIM masks)
+
+Decoders. ``decoder="dali"`` decodes each pack in a DALI pipeline fed by external sources (the
+encoded bytes and the exact smart_resize size; ``data.decode_dali_packs``), ``PACKS_AHEAD`` packs
+ahead of the consumer; ``"pil"`` is the reference; ``"auto"`` is DALI where it imports. Both give
+the same packs, skips and counts, and pixels within the decoder bound.
 
 Decode workers. With ``num_workers`` > 0 the reads and decodes run in worker processes
 (``data.decode_workers``) while the trainer computes: the sampler draws packs ahead (up to
@@ -55,6 +60,12 @@ import numpy as np
 import torch
 
 from megatron_finevit.data.bad_samples import BadSampleCounter, BadSampleError
+from megatron_finevit.data.decode_dali_packs import (
+    PACKS_AHEAD,
+    DaliPack,
+    DaliPackDecoder,
+    resolve_decoder,
+)
 from megatron_finevit.data.decode_pil import Normalization
 from megatron_finevit.data.decode_workers import (
     PACKS_IN_FLIGHT_PER_WORKER,
@@ -190,7 +201,7 @@ class _PackInFlight:
     samples: list[int]
     sampler_state: dict           # the sampler before it was drawn: the consumer's position
     settings: DecodeSettings      # the phase it was drawn in
-    future: Future | None         # its samples loading in a worker; None: load when consumed
+    future: Future | DaliPack | None  # loading in a worker / DALI; None: load when consumed
 
     @property
     def epoch(self) -> int:
@@ -214,11 +225,12 @@ class PackedImageLoader:
             loader decides the packs, the others follow); None without.
         use_draft: let libjpeg decode at a reduced scale when the target is much smaller
             (faster, slightly different pixels; ``decode_pil``).
-        decoder: "pil" (reference, CPU). The DALI reader is sequential and cannot serve
-            random-access packs; it is refused with an explanation.
-        num_workers: processes that read and decode packs ahead of the consumer (0: in this
-            process, when a pack is asked for). Only ranks that decode pixels start them;
-            ``close()`` stops them.
+        decoder: "pil" (reference), "dali" or "auto" (DALI where it imports; the choice and
+            why are logged). ``use_draft`` is PIL's only (DALI has no reduced-scale decode).
+        num_workers: PIL: processes that read and decode packs ahead of the consumer (0: in this
+            process, when a pack is asked for); DALI: its CPU threads (0 counts as 1; DALI always
+            decodes ahead). Only ranks that decode pixels start them; ``close()`` stops them.
+        dali_device: "cpu" or "mixed" (default: "mixed" iff CUDA is available).
     """
 
     def __init__(self, shard_dir, phases: list[tuple[int, ResizePolicy]], pack_tokens: int, *,
@@ -227,11 +239,8 @@ class PackedImageLoader:
                  decode_pixels: bool = True, decoder: str = "pil", use_draft: bool = False,
                  norm: Normalization = Normalization(), counter: BadSampleCounter | None = None,
                  token_multiple: int = 1, pipeline: PipelineGroup | None = None,
-                 num_workers: int = 0):
-        if decoder != "pil":
-            raise ValueError(f"decoder={decoder!r}: the packing loader reads samples by random "
-                             "access and decodes them with PIL; DALI's webdataset reader is "
-                             "sequential (use it through data.decode_dali for streaming jobs)")
+                 num_workers: int = 0, dali_device: str | None = None):
+        self.decoder, why = resolve_decoder(decoder)
         if not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"num_workers={num_workers!r} must be an integer >= 0 (0: decode "
                              "in the training process)")
@@ -252,15 +261,34 @@ class PackedImageLoader:
         self._prepared: deque[PackedImageBatch] = deque()  # agreed on, not yet consumed
         self._in_flight: deque[_PackInFlight] = deque()     # drawn, not yet consumed
         # layout-only ranks read a few bytes of JSON per sample: nothing worth a worker
-        self._pool = DecodePool(num_workers) if num_workers and decode_pixels else None
-        self._lookahead = num_workers * PACKS_IN_FLIGHT_PER_WORKER if self._pool else 0
+        use_dali = self.decoder == "dali" and decode_pixels
+        self._pool = DecodePool(num_workers) if num_workers and decode_pixels and not use_dali \
+            else None
+        self._dali = DaliPackDecoder(self._max_pack_images(), max(num_workers, 1), dali_device,
+                                     norm) if use_dali else None
+        self._lookahead = (num_workers * PACKS_IN_FLIGHT_PER_WORKER if self._pool
+                           else PACKS_AHEAD if self._dali else 0)
         self.prepare_wait_s = 0.0  # time spent loading in prepare() (the trainer's data_wait)
         self.phase = -1
         self.sampler: PackedBatchSampler | None = None
         self._enter_phase(0)
-        log.info("data %s: PIL decode %s", shard_dir,
-                 f"in {num_workers} worker processes ({start_method()}), up to "
-                 f"{self._lookahead} packs ahead" if self._pool else "in the training process")
+        if self._dali:
+            where = (f"DALI ({self._dali.device}, {self._dali.num_threads} threads), "
+                     f"{self._lookahead} packs ahead" + (" (use_draft is PIL's: ignored)"
+                                                         if use_draft else ""))
+        elif self._pool:
+            where = (f"PIL in {num_workers} worker processes ({start_method()}), up to "
+                     f"{self._lookahead} packs ahead")
+        else:
+            where = "PIL in the training process"
+        log.info("data %s: decoder %s (%s): %s", shard_dir, self.decoder, why,
+                 where if decode_pixels else "layout only, no pixels")
+
+    def _max_pack_images(self) -> int:
+        """The most images a pack can hold in any phase (DALI's batch size)."""
+        smallest = min(int(policy_sizes(self.index, policy, self.pack_tokens + 1,
+                                        self.token_multiple).min()) for _, policy in self.phases)
+        return self.pack_tokens // max(smallest, 1)
 
     # --- phases -------------------------------------------------------------------------------
 
@@ -333,6 +361,8 @@ class PackedImageLoader:
         self._drop_in_flight()
         if self._pool is not None:
             self._pool.close()
+        if self._dali is not None:
+            self._dali.close()
         self.reader.close()
 
     def __enter__(self):
@@ -370,13 +400,25 @@ class PackedImageLoader:
     def _settings(self) -> DecodeSettings:
         return DecodeSettings(self.policy, self.norm, self.use_draft, self.decode_pixels)
 
-    def _start_loading(self, samples: list[int], settings: DecodeSettings) -> Future | None:
+    def _start_loading(self, samples: list[int], settings: DecodeSettings
+                       ) -> Future | DaliPack | None:
+        if self._dali is not None:
+            return self._dali.submit([self._read_or_error(s) for s in samples], settings)
         if self._pool is None:
             return None
         return self._pool.submit([self.reader.locate(s) for s in samples], settings)
 
+    def _read_or_error(self, sample: int
+                       ) -> tuple[bytes, dict, tuple[int, int]] | BadSampleError:
+        """What DALI gets: image bytes, meta and the indexed original (height, width)."""
+        try:
+            image_bytes, meta = self.reader.read(sample)
+        except BadSampleError as err:
+            return err
+        return image_bytes, meta, (int(self.index.height[sample]), int(self.index.width[sample]))
+
     def _loaded(self, samples: list[int], settings: DecodeSettings,
-                future: Future | None) -> list[LoadedSample]:
+                future: Future | DaliPack | None) -> list[LoadedSample]:
         if future is not None:
             return future.result()
         return load_samples(self.reader.read, samples, settings)
@@ -475,7 +517,7 @@ class PackedImageLoader:
         return self._assemble(pack.number, samples, grids, images, metas)
 
     def _follow(self, choice: PackChoice, settings: DecodeSettings,
-                future: Future | None) -> PackedImageBatch:
+                future: Future | DaliPack | None) -> PackedImageBatch:
         """The batch the first pipeline stage made of a pack, rebuilt here (decoding too when
         this stage needs pixels); a kept sample that fails here means the decoders disagree."""
         images, metas = [], []

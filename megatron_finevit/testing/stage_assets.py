@@ -47,8 +47,11 @@ def tiny_run(stage: str, assets: dict, steps: int, global_batch: int = 2, tp: in
     cfg.optim.lr, cfg.optim.eps, cfg.optim.warmup_steps = 3e-3, 1e-8, 0
     cfg.eval.at_start = cfg.eval.at_end = False
     cfg.logging.log_interval, cfg.logging.progress_bar = 1000, False
+    # decoder pinned to PIL: under "auto" (DALI here) test_stage_mim's DP=2 run took 72 s of
+    # wall time instead of 24 s on this 2-core machine (DALI's threads per rank); DALI in the
+    # loader has its own tests (tests/data/test_loader_dali.py)
     data = {"dir": assets["train"], "pack_tokens": 128, "max_pixels": 84 * 84,
-            "buffer_size": 64, "use_draft": True}
+            "buffer_size": 64, "use_draft": True, "decoder": "pil"}
     common = {"vit": "tiny_vit", "vit_overrides": {"num_layers": 2}, "data": data}
     if stage == "mim":
         common["teacher_dir"] = assets["teacher"]

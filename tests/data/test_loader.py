@@ -137,8 +137,8 @@ def test_bad_sample_is_skipped_and_counted(shard_dir, monkeypatch):
     assert loader.counter.num_skipped == 1
 
 
-def test_rejects_dali_and_bad_phases(shard_dir):
-    with pytest.raises(ValueError, match="random"):
-        PackedImageLoader(shard_dir, PHASES, PACK, decoder="dali")
+def test_rejects_unknown_decoder_and_bad_phases(shard_dir):
+    with pytest.raises(ValueError, match="must be one of"):  # DALI: tests/data/test_loader_dali
+        PackedImageLoader(shard_dir, PHASES, PACK, decoder="nvjpeg")
     with pytest.raises(ValueError, match="step 0"):
         PackedImageLoader(shard_dir, [(2, ResizePolicy())], PACK)

@@ -24,6 +24,7 @@ import torch
 from megatron_finevit.config.presets import preset_config
 from megatron_finevit.config.train import TrainConfig
 from megatron_finevit.config.vit import VIT_PRESETS, FineViTConfig
+from megatron_finevit.data.decode_dali_packs import DECODERS
 from megatron_finevit.data.loader import PackedImageBatch, PackedImageLoader
 from megatron_finevit.data.pack_agreement import PipelineGroup
 from megatron_finevit.data.resize import DEFAULT_MIN_PIXELS, ResizePolicy
@@ -45,7 +46,10 @@ class DataSection:
     max_pixels_schedule: list = field(default_factory=list)
     buffer_size: int = 512             # samples packed together by first-fit-decreasing
     min_fill: float = 0.9
-    decoder: str = "pil"
+    # "auto": DALI where nvidia.dali imports, else PIL (the choice is logged); "dali" | "pil".
+    # Same packs and skips either way; pixels within the decoder bound. With DALI,
+    # num_workers is its CPU thread count.
+    decoder: str = "auto"
     use_draft: bool = False            # faster reduced-scale JPEG decode
     # processes decoding the next packs while the step computes (0: in the training process);
     # packs, pixels, bad-sample counts and resume are the same for any number
@@ -83,6 +87,9 @@ def _data_problems(d: DataSection) -> list[str]:
     if not isinstance(d.num_workers, int) or isinstance(d.num_workers, bool) or d.num_workers < 0:
         problems.append(f"stage_config.data.num_workers={d.num_workers!r} must be an integer "
                         ">= 0 (0: decode in the training process)")
+    if d.decoder not in DECODERS:
+        problems.append(f"stage_config.data.decoder={d.decoder!r} must be one of "
+                        f"{', '.join(DECODERS)}")
     return problems
 
 
