@@ -3,7 +3,8 @@ step. At DP=2 × 4 micro-batches (packs holding different numbers of images) the
 every parameter's gradient equal one autograd forward over all 8 micro-batches' pairs with the
 full-matrix loss; 3 trainer steps (text tower unfrozen at step 1) give the losses and weights of
 a single-rank run over the same global batches; a resume from the step-1 checkpoint is exact;
-pipeline parallelism is refused with a one-line config error."""
+megatron's overlapped, bucketed gradient reduction gives the same losses; pipeline parallelism is
+refused with a one-line config error."""
 
 import pickle
 import shutil
@@ -98,6 +99,13 @@ def dp2_world(rank, world_size, assets, tmp):
     resumed = Trainer(_cfg(assets, str(alone)))
     out["resumed_losses"] = resumed.train()["losses"]
     out["resumed_weights"] = _weights(resumed)
+    # megatron's overlapped, bucketed gradient reduction (every parameter of a bucket must report
+    # its gradient in the last micro-batch: t and b, and the text tower while frozen, too)
+    cfg = _cfg(assets)
+    p = cfg.parallel
+    p.distributed_optimizer = p.overlap_grad_reduce = p.overlap_param_gather = True
+    p.bucket_size = 2000  # several buckets mixing the towers' and the loss's parameters
+    out["overlap_losses"] = Trainer(cfg).train()["losses"]
     return out
 
 
@@ -156,6 +164,11 @@ def test_resume_is_exact(results):
         assert r["resumed_losses"] == r["losses"][1:]
         for name, want in r["weights"].items():
             assert torch.equal(r["resumed_weights"][name], want), name
+
+
+def test_overlapped_grad_reduce_gives_the_same_losses(results):
+    for r in results[0]:
+        assert r["overlap_losses"] == pytest.approx(r["losses"], rel=1e-6)
 
 
 def test_pipeline_parallel_is_a_config_error():

@@ -328,6 +328,9 @@ class ContrastiveStage(VisionStage):
         if self.cfg.loss_scope == "step":
             return self._replay_step(inp, text_ids, model)
         output = model(inp, text_ids)
+        touch = self._grad_ready_touch(step_scope=False)
+        if touch is not None:
+            output = output + touch
 
         def loss_fn(loss):
             return loss * inp.cp_loss_scale, self._metrics(loss)
@@ -342,6 +345,9 @@ class ContrastiveStage(VisionStage):
         surrogate = (out["image"] * g_image).sum()
         if g_text is not None:
             surrogate = surrogate + (out["text"] * g_text).sum()
+        touch = self._grad_ready_touch(step_scope=True)
+        if touch is not None:
+            surrogate = surrogate + touch
         # megatron's schedule scales each micro-batch's loss by cp / num_microbatches; the
         # cached gradients already hold the whole step's loss (at weight 1), so undo that scale.
         undo = self._num_microbatches * inp.cp_loss_scale
@@ -350,6 +356,18 @@ class ContrastiveStage(VisionStage):
             return output * undo, self._metrics(self._step_loss)
 
         return surrogate, loss_fn
+
+    def _grad_ready_touch(self, step_scope: bool) -> torch.Tensor | None:
+        """With ``overlap_grad_reduce``: 0 × the parameters this micro-batch's backward would not
+        reach — t and b under ``loss_scope: step`` (theirs came in ``prepare_step``), the frozen
+        text tower — so they too report "grad ready" in the last micro-batch, as megatron
+        expects of every parameter of a bucket (it adds an exact 0 to their grads). Else None."""
+        if not self.run.parallel.overlap_grad_reduce or not self.module.post_process:
+            return None
+        params = list(self.module.siglip.parameters()) if step_scope else []
+        if not self.module.text_trainable:
+            params += list(self.module.text_tower.parameters())
+        return 0.0 * sum(p.sum() for p in params) if params else None
 
     def _metrics(self, loss: torch.Tensor) -> dict[str, torch.Tensor]:
         siglip = self.module.siglip
