@@ -33,6 +33,10 @@ def test_bench_vlm_runs_and_prints_parsable_values():
     assert NAMES <= set(values), sorted(values)
     assert values["vlm_loss_abs_diff"] < 1e-4  # both sides ran the same model on the same data
     assert values["dp_imbalance"] >= 1.0 and values["dp_imbalance_naive"] >= 1.0
+    # the docstring's claim: Qwen3's output layer is ~18% (1.7B) / ~8% (8B) of the LLM's FLOPs
+    # (hand count: 2048·151808 / (28·50.3M + 2048·151808); 4096·151808 / (36·193M + ...))
+    assert 0.17 < values["output_layer_share_finevit_vl_1p7b"] < 0.19
+    assert 0.07 < values["output_layer_share_finevit_vl_8b"] < 0.09
 
 
 def test_bench_vlm_help():
