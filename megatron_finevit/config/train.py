@@ -126,6 +126,12 @@ class TrainConfig:
     seed: int = 1234
     train_steps: int = 100
     global_batch_size: int = 2        # micro-batches per optimiser step (all DP ranks together)
+    # samples per optimiser step; when > 0 it replaces global_batch_size: each data phase (e.g.
+    # Stage II's 336² -> 448² switch) gets the micro-batch count that holds this many samples
+    # (training.batch_schedule), so the batch stays constant in samples through the switch
+    samples_per_step: int = 0
+    # set from samples_per_step at start-up: [[start_step, micro-batches], ...] after step 0
+    global_batch_schedule: list = field(default_factory=list)
     precision: str = "auto"           # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     device: str | None = None         # None: CUDA when present, else CPU
     max_bad_steps: int = 10           # steps skipped for non-finite loss before aborting
@@ -147,6 +153,14 @@ class TrainConfig:
             return torch.bfloat16 if on_gpu else torch.float32
         return torch.bfloat16 if self.precision == "bf16" else torch.float32
 
+    def global_batch_at(self, step: int) -> int:
+        """Micro-batches (all DP ranks together) of optimiser step ``step``."""
+        value = self.global_batch_size
+        for start, micro_batches in self.global_batch_schedule:
+            if step >= start:
+                value = micro_batches
+        return value
+
     def problems(self) -> list[str]:
         """One line per inconsistency of the run config itself (the stage checks
         ``stage_config``, ``training.preflight`` the layout, the batch and the files)."""
@@ -159,6 +173,12 @@ class TrainConfig:
             problems.append(f"train_steps={self.train_steps} must be >= 0")
         if self.global_batch_size < 1:
             problems.append(f"global_batch_size={self.global_batch_size} must be >= 1")
+        if not isinstance(self.samples_per_step, int) or self.samples_per_step < 0:
+            problems.append(f"samples_per_step={self.samples_per_step!r} must be an integer >= 0 "
+                            "(0: global_batch_size micro-batches per step)")
+        elif self.samples_per_step and self.engine == "deepspeed":
+            problems.append("samples_per_step needs engine megatron (DeepSpeed fixes its "
+                            "gradient accumulation steps at start-up)")
         if self.optim.warmup_steps > max(self.train_steps, 0):
             problems.append(f"optim.warmup_steps={self.optim.warmup_steps} exceeds "
                             f"train_steps={self.train_steps}")

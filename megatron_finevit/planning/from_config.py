@@ -44,7 +44,11 @@ def workload_from_config(cfg) -> Workload:
     specs = []
     for start, end in _spans(starts, cfg.train_steps):
         phase = [p for p in phases if p.start_step <= start][-1]
-        micro_batches = cfg.global_batch_size * (end - start)
+        # with samples_per_step the packs per step follow the phase (training.batch_schedule;
+        # here before the rounding to a multiple of DP, which depends on the layout)
+        per_step = (cfg.samples_per_step / phase.samples if cfg.samples_per_step
+                    else cfg.global_batch_at(start))
+        micro_batches = round(per_step * (end - start))
         d = phase.details
         mean = d.get("mean_tokens_per_sample", d.get("mean_llm_tokens_per_sample"))
         pack = getattr(stage.cfg.data, "pack_tokens", None) or stage.cfg.data.llm_tokens

@@ -43,6 +43,7 @@ LATEST = "latest"
 class TrainState:
     step: int = 0
     consumed_microbatches: int = 0
+    consumed_samples: int = 0   # samples of every DP rank (a checkpoint before it was added: 0)
     skipped_steps: int = 0
 
 

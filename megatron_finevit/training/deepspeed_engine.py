@@ -182,7 +182,7 @@ class DeepSpeedTrainer(Trainer):
             outputs.append(metrics)
         self.state.consumed_microbatches += self.cfg.global_batch_size
         metrics, finite = self._reduce_metrics(outputs)
-        self._add_work(work)
+        self._count_step(work, metrics)
         applied = self.engine.was_step_applied()
         if not finite:
             # ZeRO skips an update whose gradient norm is not finite, as a NaN/inf loss gives.

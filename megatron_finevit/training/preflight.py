@@ -136,6 +136,8 @@ def check_run(cfg, world_size: int):
 
 
 def _batch_problems(cfg, data_parallel: int) -> list[str]:
+    if cfg.samples_per_step:  # the micro-batch counts are made multiples of DP at start-up
+        return []
     if cfg.global_batch_size < 1 or cfg.global_batch_size % data_parallel == 0:
         return []
     lower = cfg.global_batch_size // data_parallel * data_parallel

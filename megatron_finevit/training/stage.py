@@ -33,7 +33,8 @@ class Stage(Protocol):
     validates ``run.stage_config`` into its own dataclass in ``__init__`` (reading no file,
     raising ``ConfigError`` with every problem). Optional, for ``training.preflight`` and
     ``--dry-run``: ``config_class`` (that dataclass, with ``input_paths()``: the files the stage
-    reads) and ``microbatch_phases()`` (samples per micro-batch, per schedule phase); for the
+    reads) and ``microbatch_phases(data_parallel=1)`` (samples per micro-batch, per schedule phase,
+    on one of ``data_parallel`` ranks; ``samples_per_step`` sets the packs per step from it); for the
     logs, ``finalize_metrics(metrics)`` turns the step's averaged metrics into the logged ones
     (e.g. ratios of summed terms); for work before megatron's schedule,
     ``prepare_step(data, model_chunks, num_microbatches)`` returns the iterator the schedule

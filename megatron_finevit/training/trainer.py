@@ -143,6 +143,9 @@ class Trainer:
                       **self.stage.model_dims())
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()
+        from megatron_finevit.training.batch_schedule import resolve_batch_schedule
+
+        resolve_batch_schedule(cfg, self.stage, self.dp_size)
         self.microbatches_per_rank = cfg.global_batch_size // self.dp_size
         set_seed(cfg.seed)
         self.bf16 = cfg.params_dtype() == torch.bfloat16
@@ -206,6 +209,7 @@ class Trainer:
         seq_length, micro_batch_size = self.stage.sequence_shape()
         work: list = []
         data = self.data
+        self.microbatches_per_rank = self.cfg.global_batch_at(self.state.step) // self.dp_size
         if hasattr(self.stage, "prepare_step"):  # after zeroing: it may accumulate gradients
             data = self.stage.prepare_step(self.data, self.model, self.microbatches_per_rank)
         outputs = get_forward_backward_func()(
@@ -217,9 +221,9 @@ class Trainer:
             micro_batch_size=micro_batch_size,
             forward_only=False,
         )
-        self.state.consumed_microbatches += self.cfg.global_batch_size
+        self.state.consumed_microbatches += self.microbatches_per_rank * self.dp_size
         metrics, finite = self._reduce_metrics(outputs)
-        self._add_work(work)
+        self._count_step(work, metrics)
         if not finite:
             self._skip_step(metrics)
             return None
@@ -263,9 +267,18 @@ class Trainer:
         log.warning("step %d: non-finite loss %s, step skipped (%d so far)",
                     self.state.step, metrics, self.state.skipped_steps)
 
-    def _add_work(self, work: list) -> None:
+    def _count_step(self, work: list, metrics: dict) -> None:
+        """Add the step's work to the throughput and its samples to ``consumed_samples`` (kept
+        in checkpoints), and log both (on the rank that logs)."""
+        step_samples = self._add_work(work)
+        self.state.consumed_samples += int(step_samples)
+        if metrics:
+            metrics.update(samples_per_step=step_samples,
+                           consumed_samples=float(self.state.consumed_samples))
+
+    def _add_work(self, work: list) -> float:
         """Sum (samples, tokens, FLOPs[, {name: count}]) over the data-parallel replicas (first
-        PP/TP rank only, so nothing is counted twice)."""
+        PP/TP rank only, so nothing is counted twice); returns the step's samples."""
         from megatron.core import parallel_state as ps
 
         extras = sorted({name for w in work if len(w) > 3 for name in w[3]})
@@ -279,6 +292,7 @@ class Trainer:
         dist.all_reduce(local)
         totals = local.tolist()
         self.throughput.add(*totals[:3], **dict(zip(extras, totals[3:])))
+        return totals[0]
 
     # --- the loop -------------------------------------------------------------------------------
 

@@ -68,17 +68,24 @@ def test_example_config_starts_at_its_world_size(config, tmp_path):
     pairs = report(proc)
     values = dict(pairs)
     raw = yaml.safe_load(config.read_text())
-    gbs, (pack_tokens, fill, means) = raw["global_batch_size"], pack_budget(raw)
+    pack_tokens, fill, means = pack_budget(raw)
     p = raw["parallel"]
     dp = world // (p["tensor_parallel"] * p["pipeline_parallel"] * p["context_parallel"])
-    assert int(values["world_size"]) == world and int(values["data_parallel"]) == dp
-    assert int(values["micro_batches_per_rank"]) * dp == gbs
-    assert int(values["tokens_per_step"]) == gbs * pack_tokens
     phases = expected_phases(raw)
+    per_pack = [pack_tokens * fill / means[r] for _, r in phases]
+    # packs per step: global_batch_size, or with samples_per_step the multiple of DP nearest to
+    # samples_per_step / samples per pack in each phase
+    wanted = raw.get("samples_per_step", 0)
+    packs = [max(1, round(wanted / n / dp)) * dp if wanted else raw["global_batch_size"]
+             for n in per_pack]
+    assert int(values["world_size"]) == world and int(values["data_parallel"]) == dp
+    assert int(values["micro_batches_per_rank"]) * dp == packs[0]
+    assert int(values["tokens_per_step"]) == packs[0] * pack_tokens
     starts = [start for start, _ in phases]
     assert [int(v) for v in phase_values(pairs, "phase_start_step")] == starts
+    assert [int(v) for v in phase_values(pairs, "phase_micro_batches")] == packs
     assert set(phase_values(pairs, "samples_estimate")) == {"config"}
-    samples = [round(gbs * pack_tokens * fill / means[r]) for _, r in phases]
+    samples = [round(k * n) for k, n in zip(packs, per_pack)]
     assert [int(v) for v in phase_values(pairs, "samples_per_step")] == samples
     lengths = [b - a for a, b in zip(starts, starts[1:] + [raw["train_steps"]])]
     assert int(values["total_samples"]) == sum(n * k for n, k in zip(samples, lengths))
@@ -107,15 +114,16 @@ def test_estimate_from_the_index(tmp_path):
         policy = ResizePolicy(max_pixels=max_pixels)
         tokens = [policy.num_patches(int(h), int(w)) for h, w in zip(index.height, index.width)]
         means.append(round(sum(tokens) / len(tokens), 1))
-    assert set(phase_values(pairs, "samples_estimate")) == {"index"}
+    assert set(phase_values(pairs, "samples_estimate")) == {"index, packed"}
     assert [float(v) for v in phase_values(pairs, "mean_tokens_per_sample")] == means
     assert means[1] > means[0]  # the 336² -> 448² analogue raises tokens per image
 
 
 def test_dry_run_refuses_an_indivisible_batch():
-    """The paper's Stage I batch before this fix (320 packs) on its sbatch's 128 ranks."""
+    """The paper's Stage I batch before this fix (320 packs) on its sbatch's 128 ranks, given
+    in packs (samples_per_step=0; in samples the counts are made multiples of DP)."""
     proc = run_cli(*DRY_RUN, "--config", "examples/stage1_mim.yaml", "--world-size", "128",
-                   "global_batch_size=320")
+                   "global_batch_size=320", "samples_per_step=0")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stdout == ""
     assert error_lines(proc.stderr) == [
         "config error: global_batch_size=320 micro-batches do not split evenly over "

@@ -246,8 +246,9 @@ class AlignStage:
 
         return Normalization()
 
-    def microbatch_phases(self) -> list[MicrobatchPhase]:
-        """Samples per pack for ``--dry-run``: ``llm_tokens · min_fill`` over the mean LLM tokens
+    def microbatch_phases(self, data_parallel: int = 1) -> list[MicrobatchPhase]:
+        """Samples per pack for ``--dry-run`` (one phase; ``data_parallel`` does not change the
+        estimate): ``llm_tokens · min_fill`` over the mean LLM tokens
         a sample reserves — from the index of ``data.dir`` when it is here, else
         ``data.mean_llm_tokens_per_sample``, else a sample at the largest image plus
         ``max_text_tokens`` (a lower bound)."""

@@ -216,9 +216,9 @@ class ContrastiveStage(VisionStage):
         self._step_loss: torch.Tensor | None = None
         self._num_microbatches = 0
 
-    def microbatch_phases(self) -> list[MicrobatchPhase]:
+    def microbatch_phases(self, data_parallel: int = 1) -> list[MicrobatchPhase]:
         """The resolution phases, cut again where the text context changes."""
-        resolution = super().microbatch_phases()
+        resolution = super().microbatch_phases(data_parallel)
         starts = sorted({p.start_step for p in resolution} | {s for s, _ in self.contexts})
         phases = []
         for start in starts:

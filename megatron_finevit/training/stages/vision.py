@@ -93,6 +93,19 @@ def _data_problems(d: DataSection) -> list[str]:
     return problems
 
 
+def packed_samples_per_pack(sizes, pack_tokens: int, buffer_size: int, min_fill: float,
+                            seed: int, data_parallel: int = 1, max_packs: int = 512) -> float:
+    """Mean samples per pack over the first ``max_packs`` packs ``PackedBatchSampler`` makes of
+    ``sizes`` ``[n]`` on data-parallel rank 0 of ``data_parallel`` (its shard's ends included;
+    oversize samples skipped as in training)."""
+    from megatron_finevit.data.packing import PackedBatchSampler
+
+    sampler = PackedBatchSampler(sizes, pack_tokens, buffer_size=buffer_size, seed=seed,
+                                 min_fill=min_fill, dp_size=min(data_parallel, len(sizes)))
+    counts = [len(pack) for _, pack in zip(range(max_packs), sampler)]
+    return sum(counts) / max(len(counts), 1)
+
+
 def shard_paths(data: DataSection, eval_data_dir: str | None) -> list[InputPath]:
     """The indexed shard directories a vision stage reads (for ``training.preflight``)."""
     return [InputPath(key, path, "shards") for key, path in (
@@ -159,12 +172,14 @@ class VisionStage:
         return [(step, ResizePolicy(min_pixels=d.min_pixels, max_pixels=pixels))
                 for step, pixels in schedule]
 
-    def microbatch_phases(self) -> list[MicrobatchPhase]:
-        """Images per pack in each resolution phase, estimated for ``--dry-run``:
-        ``pack_tokens · min_fill`` (the packer emits packs at least that full, so this leans
-        low) over the mean image tokens — from the index of ``data.dir`` under the phase's
-        policy when it is here, else ``data.mean_tokens_per_sample``, else the largest image
-        the phase allows (then the images per pack are a lower bound)."""
+    def microbatch_phases(self, data_parallel: int = 1) -> list[MicrobatchPhase]:
+        """Images per pack in each resolution phase (``--dry-run``, ``samples_per_step``): with
+        the index of ``data.dir`` here, the mean over the first packs the sampler makes of the
+        index's sizes under the phase's policy on data-parallel rank 0 of ``data_parallel``
+        (``index, packed``: what training will see, shard ends included);
+        else ``pack_tokens · min_fill`` (the packer emits packs at least that full, so this
+        leans low) over ``data.mean_tokens_per_sample``, else over the largest image the phase
+        allows (then the images per pack are a lower bound)."""
         from megatron_finevit.data.index import INDEX_NAME, load_index
         from megatron_finevit.data.loader import policy_sizes
 
@@ -175,8 +190,14 @@ class VisionStage:
             sizes = policy_sizes(index, policy, d.pack_tokens + 1) if index is not None else None
             packable = sizes[sizes <= d.pack_tokens] if sizes is not None else []
             if len(packable):
-                mean, source = float(packable.mean()), "index"
-            elif d.mean_tokens_per_sample:
+                mean, source = float(packable.mean()), "index, packed"
+                per_pack = packed_samples_per_pack(sizes, d.pack_tokens, d.buffer_size,
+                                                   d.min_fill, self.run.seed, data_parallel)
+                phases.append(MicrobatchPhase(start, per_pack, {
+                    "max_pixels": policy.max_pixels, "mean_tokens_per_sample": round(mean, 1),
+                    "samples_estimate": source}))
+                continue
+            if d.mean_tokens_per_sample:
                 mean, source = d.mean_tokens_per_sample[number], "config"
             else:
                 mean, source = policy.max_pixels // policy.patch_size ** 2, "max_pixels"
@@ -216,7 +237,7 @@ class VisionStage:
         if self.loader is not None:
             self.loader.set_step(step)
             # the pipeline stages agree on this step's micro-batches before the schedule runs
-            self.loader.prepare(self.run.global_batch_size // self.loader.dp_size)
+            self.loader.prepare(self.run.global_batch_at(step) // self.loader.dp_size)
 
 
 def pipeline_group() -> PipelineGroup | None:
