@@ -3,8 +3,10 @@
 Each image of a pack gets 75% of its patches replaced by a learned mask token; the encoder's
 output at the masked positions goes through the MIM head (a linear map to the teacher's width)
 and regresses the teacher's features of the *unmasked* image:
-``L = Σ_{i∈M} ‖Φ(x)_i − T(x)_i‖² / |M|`` per pack (``losses.mim_loss``; target standardisation
-per token by default, ``normalize_target``).
+``L = Σ_{i∈M} ‖Φ(x)_i − T(x)_i‖² / |M|`` (``losses.mim_loss``): Eq. 1's sum over the masked
+patches, divided by their count over the global batch (nearly constant at a fixed mask ratio, so
+it only rescales the learning rate), on the raw teacher features by default as Eq. 1 has them;
+``normalize_target: true`` standardises each teacher token first — our option, not the paper's.
 
 Placement. The mask token and patch embedding live on the first pipeline stage, the MIM head on
 the last; the teacher runs only on the last stage (it needs the decoded images, the first stage
@@ -45,7 +47,7 @@ class MIMStageConfig:
     teacher_dir: str = ""                 # local transformers DINOv3 checkpoint directory
     teacher_cache_dir: str | None = None  # zarr feature cache (TeacherFeatureCache), optional
     mask_ratio: float = 0.75
-    normalize_target: bool = True
+    normalize_target: bool = False        # Eq. 1: raw teacher features; true departs from it
     eval_data_dir: str | None = None      # held-out indexed shards for evaluate()
     data: DataSection = field(default_factory=DataSection)
 
