@@ -25,6 +25,7 @@ from megatron_finevit.planning.flops import (
     vit_tower_flops,
     vlm_flops,
 )
+from megatron_finevit.planning.selfcheck import cpu_sdpa_formulas
 from megatron_finevit.testing.finevit_vl_parity import TRAIN_PACKS, tiny_vl_config
 from megatron_finevit.testing.multirank import Layout, run_world
 
@@ -38,23 +39,6 @@ CASES = {"all": (True, True, True), "llm_frozen": (True, True, False),
          "vit_frozen": (False, True, True), "projector_only": (False, True, False),
          "projector_frozen": (True, False, True), "vit_only": (True, False, False),
          "llm_only": (False, False, True)}
-
-
-def _cpu_sdpa_formulas() -> dict:
-    from torch.utils.flop_counter import sdpa_flop_count
-
-    aten = torch.ops.aten
-
-    def forward(query, key, value, dropout_p=0.0, is_causal=False, *args, out_shape=None,
-                **kwargs):
-        return sdpa_flop_count(query, key, value) // (2 if is_causal else 1)
-
-    def backward(grad_out, query, key, value, out, logsumexp, dropout_p=0.0, is_causal=False,
-                 *args, out_shape=None, **kwargs):
-        return 2 * sdpa_flop_count(query, key, value) // (2 if is_causal else 1)
-
-    return {aten._scaled_dot_product_flash_attention_for_cpu: forward,
-            aten._scaled_dot_product_flash_attention_for_cpu_backward: backward}
 
 
 def counted_world(rank: int, world_size: int) -> dict:
@@ -87,7 +71,7 @@ def counted_world(rank: int, world_size: int) -> dict:
     for name, trainable in CASES.items():
         for module, trains in zip(modules, trainable):
             module.requires_grad_(trains)
-        counts[name] = count(_cpu_sdpa_formulas())
+        counts[name] = count(cpu_sdpa_formulas())
     model.requires_grad_(True)
     counts["all_plain"] = count({})
     return counts
