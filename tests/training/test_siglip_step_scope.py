@@ -2,7 +2,8 @@
 step. At DP=2 × 4 micro-batches (packs holding different numbers of images) the step's loss and
 every parameter's gradient equal one autograd forward over all 8 micro-batches' pairs with the
 full-matrix loss; 3 trainer steps (text tower unfrozen at step 1) give the losses and weights of
-a single-rank run over the same global batches; a resume from the step-1 checkpoint is exact;
+a single-rank run over the same global batches; TP2 + SP and CP2 give those single-rank losses too; a resume from the step-1 checkpoint is
+exact;
 megatron's overlapped, bucketed gradient reduction gives the same losses; pipeline parallelism is
 refused with a one-line config error."""
 
@@ -121,13 +122,37 @@ def dp1_world(rank, world_size, assets, tmp):
     return {"losses": trainer.train()["losses"], "weights": _weights(trainer)}
 
 
+def tp_cp_world(rank, world_size, assets, tmp):
+    """The same global batches at TP2 + SP and at CP2 (DP 1): the step's loss over all of them
+    with the image tokens split over the TP or CP ranks."""
+    from megatron_finevit.training.metrics import DataWaitTimer
+    from megatron_finevit.training.trainer import Trainer
+
+    with open(Path(tmp) / "batches.pkl", "rb") as f:
+        batches = [b for step in pickle.load(f) for b in step]
+    out = {}
+    for name, layout in (("tp2_sp", dict(tp=2, sp=True)), ("cp2", dict(cp=2))):
+        trainer = Trainer(_cfg(assets, **layout))
+        trainer.data = DataWaitTimer(iter(batches))
+        out[name] = trainer.train()["losses"]
+    return out
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     root = tmp_path_factory.mktemp("step_scope")
     assets = make_stage_assets(root / "assets")
     dp2 = run_world(dp2_world, 2, args=(assets, str(root)))
     (dp1,) = run_world(dp1_world, 1, args=(assets, str(root)))
+    dp1["layouts"] = run_world(tp_cp_world, 2, args=(assets, str(root)))
     return dp2, dp1
+
+
+@pytest.mark.parametrize("layout", ["tp2_sp", "cp2"])
+def test_tp_and_cp_give_the_single_rank_step_losses(results, layout):
+    _, dp1 = results
+    for rank in dp1["layouts"]:
+        assert rank[layout] == pytest.approx(dp1["losses"], rel=RTOL), layout
 
 
 def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
