@@ -130,12 +130,16 @@ class Trainer:
             set_seed,
         )
 
+        from megatron_finevit.platform.fast_paths import fast_path_line
+
         self.cfg = cfg
         # Every problem of the config, layout, batch and input files, before any process group
         # or model exists (UserError: the entry points print one line each and exit 2).
         self.stage = check_run(cfg, launch_world_size())
         p = cfg.parallel
         self.env = init_distributed(detect_backend(cfg.device))
+        if dist.get_rank() == 0:
+            log.info(fast_path_line())
         init_parallel(ParallelConfig(tensor_parallel=p.tensor_parallel,
                                      pipeline_parallel=p.pipeline_parallel,
                                      context_parallel=p.context_parallel,
