@@ -120,10 +120,11 @@ def test_estimate_from_the_index(tmp_path):
 
 
 def test_dry_run_refuses_an_indivisible_batch():
-    """The paper's Stage I batch before this fix (320 packs) on its sbatch's 128 ranks, given
-    in packs (samples_per_step=0; in samples the counts are made multiples of DP)."""
+    """The paper's Stage I batch before this fix (320 packs) on its sbatch's 128 ranks at its
+    layout then (DP 128), given in packs (samples_per_step=0; in samples the counts are made
+    multiples of DP)."""
     proc = run_cli(*DRY_RUN, "--config", "examples/stage1_mim.yaml", "--world-size", "128",
-                   "global_batch_size=320", "samples_per_step=0")
+                   "global_batch_size=320", "samples_per_step=0", "parallel.pipeline_parallel=1")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stdout == ""
     assert error_lines(proc.stderr) == [
         "config error: global_batch_size=320 micro-batches do not split evenly over "

@@ -148,7 +148,8 @@ def test_whole_checkpoint_and_preflight_messages(toy_checkpoint):
         "stage: unknown stage 'mimm' (did you mean mim?); choose one of "
         "['align', 'contrastive', 'mim', 'toy_lm']"]
     paper = load_config(TrainConfig, REPO / "examples/stage1_mim.yaml",
-                        ["global_batch_size=320", "samples_per_step=0"])
+                        ["global_batch_size=320", "samples_per_step=0",
+                         "parallel.pipeline_parallel=1"])
     assert find_problems(paper, 128).problems == [
         "global_batch_size=320 micro-batches do not split evenly over data_parallel=128 ranks: "
         "use a multiple of 128, e.g. 256 or 384"]
