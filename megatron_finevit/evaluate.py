@@ -120,6 +120,7 @@ def evaluation_config(args):
         cfg.stage_config.pop("vit_init_dir", None)
         cfg.stage_config.pop("llm_init_dir", None)
     cfg.train_steps, cfg.global_batch_size = 0, 1
+    cfg.samples_per_step, cfg.global_batch_schedule = 0, []  # no training batch to size
     cfg.optim.warmup_steps = 0
     cfg.parallel.tensor_parallel = cfg.parallel.pipeline_parallel = 1
     cfg.parallel.context_parallel, cfg.parallel.sequence_parallel = 1, False
