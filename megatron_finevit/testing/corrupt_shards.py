@@ -47,3 +47,25 @@ def next_pack_keys(loader, count: int) -> list[list[str]]:
     """Keys of the next ``count`` packs ``loader``'s sampler draws, without reading samples
     (it advances that loader: use a throw-away one built like the run's)."""
     return [[str(loader.index.key[s]) for s in next(iter(loader.sampler))] for _ in range(count)]
+
+
+def shards_with_broken_packs(path: str | os.PathLike, make_loader, num: int = 64) -> Path:
+    """``num`` indexed FineCap-mini samples at ``path`` in which the second pack that
+    ``make_loader(path, decode_pixels=False)`` draws holds one truncated JPEG and every sample of
+    the third is one (the loader tests' bad data: one skip, then an all-bad pack)."""
+    from megatron_finevit.data.synthetic import make_synthetic_shards
+
+    make_synthetic_shards(path, num, seed=4, samples_per_shard=32, progress=False)
+    build_index(path, progress=False)
+    packs = next_pack_keys(make_loader(path, decode_pixels=False), 3)
+    truncate_image_bodies(path, [packs[1][0], *packs[2]])
+    return Path(path)
+
+
+def loader_steps(loader, start: int, stop: int) -> list:
+    """The loader's batches of steps ``start .. stop - 1`` (its step set before each)."""
+    batches = []
+    for step in range(start, stop):
+        loader.set_step(step)
+        batches.append(next(loader))
+    return batches

@@ -9,12 +9,10 @@ import pytest
 import torch
 
 from megatron_finevit.data.decode_dali_packs import resolve_decoder
-from megatron_finevit.data.index import build_index
 from megatron_finevit.data.loader import PackedImageLoader
 from megatron_finevit.data.pack_agreement import PipelineGroup
 from megatron_finevit.data.resize import ResizePolicy
-from megatron_finevit.data.synthetic import make_synthetic_shards
-from megatron_finevit.testing.corrupt_shards import next_pack_keys, truncate_image_bodies
+from megatron_finevit.testing.corrupt_shards import loader_steps, shards_with_broken_packs
 from megatron_finevit.testing.multirank import run_world
 from megatron_finevit.training.stages.vision import DataSection, _data_problems
 
@@ -32,30 +30,18 @@ def _loader(shard_dir, decoder="pil", **kw):
                              decoder=decoder, **kw)
 
 
-def _steps(loader, start, stop):
-    batches = []
-    for step in range(start, stop):
-        loader.set_step(step)
-        batches.append(next(loader))
-    return batches
-
 
 @pytest.fixture(scope="module")
 def shard_dir(tmp_path_factory):
     """64 samples; the second pack holds one truncated JPEG, every sample of the third is one."""
-    path = tmp_path_factory.mktemp("dali")
-    make_synthetic_shards(path, 64, seed=4, samples_per_shard=32, progress=False)
-    build_index(path, progress=False)
-    packs = next_pack_keys(_loader(path, decode_pixels=False), 3)
-    truncate_image_bodies(path, [packs[1][0], *packs[2]])
-    return path
+    return shards_with_broken_packs(tmp_path_factory.mktemp("dali"), _loader)
 
 
 @pytest.fixture(scope="module")
 def reference(shard_dir):
     """The PIL stream (in process) and its bad-sample counts."""
     with _loader(shard_dir) as loader:
-        return _steps(loader, 0, STEPS), loader.counter.totals()
+        return loader_steps(loader, 0, STEPS), loader.counter.totals()
 
 
 def _assert_same_packs(got, want, pixel_tol=None):
@@ -81,7 +67,7 @@ def test_dali_packs_equal_pil(shard_dir, reference):
     batches, totals = reference
     with _loader(shard_dir, "dali") as loader:
         assert loader.decoder == "dali" and loader._dali.device == "cpu"
-        _assert_same_packs(_steps(loader, 0, STEPS), batches, MAX_ABS_TOL)
+        _assert_same_packs(loader_steps(loader, 0, STEPS), batches, MAX_ABS_TOL)
         assert loader.counter.totals() == totals
         assert loader._dali.fallbacks >= 2  # the truncated JPEGs went through the PIL fallback
     assert totals["skipped_by_reason"]["truncated_image"] >= 2  # the bad data was reached
@@ -121,16 +107,16 @@ def test_pipeline_stages_agree_with_dali_first(shard_dir, reference):
 def test_resume_with_packs_in_prefetch(shard_dir, stop_at):
     """The state saved while DALI decodes the next packs is the consumer's position."""
     with _loader(shard_dir, "dali") as loader:
-        whole = _steps(loader, 0, STEPS)
+        whole = loader_steps(loader, 0, STEPS)
     with _loader(shard_dir, "dali") as loader:
-        _steps(loader, 0, stop_at)
+        loader_steps(loader, 0, stop_at)
         assert len(loader._in_flight) > 0  # packs drawn ahead, in DALI
         state = loader.state_dict()
-        after = _steps(loader, stop_at, STEPS)  # saving did not disturb the stream
+        after = loader_steps(loader, stop_at, STEPS)  # saving did not disturb the stream
     _assert_same_packs(after, whole[stop_at:])
     with _loader(shard_dir, "dali") as resumed:
         resumed.load_state_dict(state)
-        _assert_same_packs(_steps(resumed, stop_at, STEPS), whole[stop_at:])
+        _assert_same_packs(loader_steps(resumed, stop_at, STEPS), whole[stop_at:])
 
 
 def test_auto_selection(monkeypatch):

@@ -12,11 +12,9 @@ import time
 import pytest
 import torch
 
-from megatron_finevit.data.index import build_index
 from megatron_finevit.data.loader import PackedImageLoader
 from megatron_finevit.data.resize import ResizePolicy
-from megatron_finevit.data.synthetic import make_synthetic_shards
-from megatron_finevit.testing.corrupt_shards import next_pack_keys, truncate_image_bodies
+from megatron_finevit.testing.corrupt_shards import loader_steps, shards_with_broken_packs
 
 PHASES = [(0, ResizePolicy(max_pixels=84 * 84)), (3, ResizePolicy(max_pixels=112 * 112))]
 PACK = 128
@@ -31,20 +29,8 @@ def _loader(shard_dir, num_workers=0, **kw):
 @pytest.fixture(scope="module")
 def shard_dir(tmp_path_factory):
     """64 samples; the second pack holds one truncated JPEG, every sample of the third is one."""
-    path = tmp_path_factory.mktemp("workers")
-    make_synthetic_shards(path, 64, seed=4, samples_per_shard=32, progress=False)
-    build_index(path, progress=False)
-    packs = next_pack_keys(_loader(path, decode_pixels=False), 3)
-    truncate_image_bodies(path, [packs[1][0], *packs[2]])
-    return path
+    return shards_with_broken_packs(tmp_path_factory.mktemp("workers"), _loader)
 
-
-def _steps(loader, start, stop):
-    batches = []
-    for step in range(start, stop):
-        loader.set_step(step)
-        batches.append(next(loader))
-    return batches
 
 
 def _assert_same(got, want):
@@ -62,13 +48,13 @@ def _assert_same(got, want):
 def reference(shard_dir):
     """The in-process stream and its bad-sample counts."""
     with _loader(shard_dir) as loader:
-        return _steps(loader, 0, STEPS), loader.counter.totals()
+        return loader_steps(loader, 0, STEPS), loader.counter.totals()
 
 
 def test_workers_equal_in_process(shard_dir, reference):
     batches, totals = reference
     with _loader(shard_dir, num_workers=2) as loader:
-        _assert_same(_steps(loader, 0, STEPS), batches)
+        _assert_same(loader_steps(loader, 0, STEPS), batches)
         assert loader.counter.totals() == totals
     assert totals["skipped_by_reason"]["truncated_image"] >= 2  # the bad data was reached
     assert [b.pack_number for b in batches[:3]] == [1, 2, 4]    # pack 3 (all bad) skipped
@@ -80,14 +66,14 @@ def test_resume_with_packs_in_flight(shard_dir, reference, stop_at):
     (with workers or without) continues exactly, and the saving loader is not disturbed."""
     batches, _ = reference
     with _loader(shard_dir, num_workers=2) as first:
-        _assert_same(_steps(first, 0, stop_at), batches[:stop_at])
+        _assert_same(loader_steps(first, 0, stop_at), batches[:stop_at])
         assert len(first._in_flight) > 0  # prefetch under way
         state = first.state_dict()
-        _assert_same(_steps(first, stop_at, STEPS), batches[stop_at:])
+        _assert_same(loader_steps(first, stop_at, STEPS), batches[stop_at:])
     for workers in (2, 0):
         with _loader(shard_dir, num_workers=workers) as resumed:
             resumed.load_state_dict(state)
-            _assert_same(_steps(resumed, stop_at, STEPS), batches[stop_at:])
+            _assert_same(loader_steps(resumed, stop_at, STEPS), batches[stop_at:])
 
 
 def test_epoch_equals_in_process(shard_dir):
@@ -126,17 +112,17 @@ def test_workers_ignore_signals_and_close(shard_dir, reference):
     and the loader goes on from its position with new ones."""
     batches, _ = reference
     loader = _loader(shard_dir, num_workers=2)
-    _assert_same(_steps(loader, 0, 1), batches[:1])
+    _assert_same(loader_steps(loader, 0, 1), batches[:1])
     pids = loader._pool.pids
     assert len(pids) == 2
     for pid in pids:  # initialised (signal dispositions set) before it is signalled
         assert _wait_until(lambda: _ignores(pid, signal.SIGTERM))
         os.kill(pid, signal.SIGTERM)
         os.kill(pid, signal.SIGUSR1)
-    _assert_same(_steps(loader, 1, 3), batches[1:3])
+    _assert_same(loader_steps(loader, 1, 3), batches[1:3])
     loader.close()
     assert _wait_until(lambda: not any(_alive(pid) for pid in pids))
-    _assert_same(_steps(loader, 3, 5), batches[3:5])
+    _assert_same(loader_steps(loader, 3, 5), batches[3:5])
     assert set(loader._pool.pids).isdisjoint(pids)
     loader.close()
 

@@ -6,10 +6,11 @@ import pytest
 
 from megatron_finevit.data.bad_samples import BadSampleError
 from megatron_finevit.data.resize import ResizePolicy
-from megatron_finevit.data.tasks.chat import IGNORE_INDEX, Message, Qwen3ChatTemplate, Turn
+from megatron_finevit.data.tasks.chat import Message, Qwen3ChatTemplate, Turn
 from megatron_finevit.data.tasks.conversation import (encode_conversation, messages_from_meta,
                                                       messages_to_json)
 from megatron_finevit.data.tokenizers import QwenTokenizer
+from megatron_finevit.testing.chat_checks import check_tokens_and_labels
 
 THINK, END_THINK = 151667, 151668  # Qwen3's <think> / </think>
 
@@ -90,14 +91,7 @@ def test_label_mask_token_by_token(template):
         ("Yes", 1), (".", 1), ("<|im_end|>", 1), ("\n", 0),
     ]
     encoded = template.encode_messages(messages, image_tokens=[2, 1])
-    decoded = [template.tokenizer.decode([i]) for i in encoded.ids.tolist()]
-    assert list(zip(decoded, encoded.supervised.int().tolist())) == expected
-    ids, labels = encoded.ids.tolist(), encoded.labels().tolist()
-    want = [ids[t + 1] if expected[t + 1][1] else IGNORE_INDEX for t in range(len(ids) - 1)]
-    assert labels == want + [IGNORE_INDEX]
-    turn_of_label = encoded.label_turns().tolist()
-    assert [turn_of_label[t] for t in range(len(ids)) if labels[t] != IGNORE_INDEX] == (
-        [0] * 3 + [1] * 9)
+    check_tokens_and_labels(template.tokenizer, encoded, expected, [0] * 3 + [1] * 9)
 
 
 def test_stored_form_images_in_order(template):

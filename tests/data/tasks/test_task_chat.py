@@ -6,9 +6,10 @@ import torch
 
 from megatron_finevit.config.vlm import QWEN_IMAGE_PAD_ID
 from megatron_finevit.data.tasks.boxes import BoxCodec
-from megatron_finevit.data.tasks.chat import IGNORE_INDEX, Qwen3ChatTemplate, Turn
+from megatron_finevit.data.tasks.chat import Qwen3ChatTemplate, Turn
 from megatron_finevit.data.tasks.region_qa import TASK_KINDS, TaskMixture, draw_turns
 from megatron_finevit.data.tokenizers import QwenTokenizer
+from megatron_finevit.testing.chat_checks import check_tokens_and_labels
 
 # A 100×200 image (height, width): region [10, 20, 90, 80] is [50, 200, 450, 800] in 0..1000,
 # the OCR box [150, 80, 200, 100] is [750, 800, 1000, 1000].
@@ -81,15 +82,8 @@ def test_label_mask_token_by_token(template):
         (",", 1), (" ", 1), ("4", 1), ("]", 1), ("<|im_end|>", 1), ("\n", 0),
     ]
     encoded = template.encode(turns, image_tokens=2)
-    decoded = [template.tokenizer.decode([i]) for i in encoded.ids.tolist()]
-    assert list(zip(decoded, encoded.supervised.int().tolist())) == expected
-    # Labels are shifted: position t holds token t + 1 when that token is learnt.
-    ids, labels = encoded.ids.tolist(), encoded.labels().tolist()
-    want = [ids[t + 1] if expected[t + 1][1] else IGNORE_INDEX for t in range(len(ids) - 1)]
-    assert labels == want + [IGNORE_INDEX]
-    turn_of_label = encoded.label_turns().tolist()
-    assert [turn_of_label[t] for t in range(len(ids)) if labels[t] != IGNORE_INDEX] == (
-        [0] * 2 + [1] * 13)
+    # labels are shifted: position t holds token t + 1 when that token is learnt
+    check_tokens_and_labels(template.tokenizer, encoded, expected, [0] * 2 + [1] * 13)
 
 
 def test_captions_cannot_inject_control_tokens(template):
