@@ -128,14 +128,24 @@ class AlignStage:
     def __init__(self, run: TrainConfig):
         """Parse and check ``stage_config`` (raises ``ConfigError`` with every problem); reads no
         file."""
-        from megatron_finevit.data.tasks.boxes import BoxCodec
-        from megatron_finevit.data.tasks.region_qa import TaskMixture
-
         problems: list[str] = []
         self.run = run
-        self.cfg = cfg = parse_config(AlignStageConfig, run.stage_config, "stage_config.",
+        self.cfg = cfg = parse_config(self.config_class, run.stage_config, "stage_config.",
                                       problems)
-        p = run.parallel
+        self._check_model(cfg, problems)
+        self._check_data(cfg, problems)
+        if problems:
+            raise ConfigError(problems)
+        self.step = 0
+        self.trainable = {module: True for module in MODULES}
+        self.module = None
+        self.loader = None
+        self._template = None
+
+    def _check_model(self, cfg, problems: list[str]) -> None:
+        """The FineViT-VL config at the run's layout, the packs' divisibility and the module
+        policies (shared by every stage of FineViT-VL)."""
+        p = self.run.parallel
         vit = preset_config(VIT_PRESETS, cfg.vit, cfg.vit_overrides, "stage_config.vit",
                             "stage_config.vit_overrides", problems)
         llm = preset_config(QWEN3_PRESETS, cfg.llm, cfg.llm_overrides, "stage_config.llm",
@@ -167,6 +177,11 @@ class AlignStage:
                                 ">= 0")
         if all(cfg.policy(m).train_from is None for m in MODULES):
             problems.append("every module is frozen (train_from: null): nothing would train")
+
+    def _check_data(self, cfg, problems: list[str]) -> None:
+        """Region-QA settings: the task mixture, the box convention, the evaluated kinds."""
+        from megatron_finevit.data.tasks.boxes import BoxCodec
+        from megatron_finevit.data.tasks.region_qa import TaskMixture
         from megatron_finevit.training.stages.align_eval import EVAL_KINDS
 
         unknown = sorted(set(cfg.eval_kinds) - set(EVAL_KINDS))
@@ -174,20 +189,13 @@ class AlignStage:
             problems.append(f"stage_config.eval_kinds={cfg.eval_kinds} must be a non-empty "
                             f"subset of {list(EVAL_KINDS)}")
         try:
-            self.mixture = TaskMixture.from_dict(d.mixture)
+            self.mixture = TaskMixture.from_dict(cfg.data.mixture)
         except (TypeError, ValueError) as exc:
             problems.append(f"stage_config.data.mixture: {exc}")
         try:
-            self.codec = BoxCodec(d.box_coords)
+            self.codec = BoxCodec(cfg.data.box_coords)
         except ValueError as exc:
             problems.append(f"stage_config.data.box_coords: {exc}")
-        if problems:
-            raise ConfigError(problems)
-        self.step = 0
-        self.trainable = {module: True for module in MODULES}
-        self.module = None
-        self.loader = None
-        self._template = None
 
     # --- shapes and configs ---------------------------------------------------------------------
 
