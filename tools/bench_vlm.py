@@ -161,7 +161,7 @@ def make_sample(sizes: SampleSizes, index: int, vocab: int, generator: torch.Gen
         answer_turn=torch.tensor(answer_turn),
         turns=[Turn("", "", KINDS[0]) for _ in sizes.turns[index]], num_image_tokens=windows)
     image = torch.randn(3, height, width, generator=generator)
-    return MultimodalSample(str(index), image, conversation)
+    return MultimodalSample(str(index), [image], conversation)
 
 
 # --- the two steps ----------------------------------------------------------------------------
@@ -202,7 +202,7 @@ def hf_inputs(samples) -> dict:
         input_ids[row, :len(c)] = c.ids
         labels[row, :len(c)] = torch.where(c.supervised, c.ids, IGNORE_INDEX)
         attention_mask[row, :len(c)] = 1
-    images = pack_images([s.image for s in samples])
+    images = pack_images([image for s in samples for image in s.images])
     grid_thw = torch.cat([torch.ones(len(images.grids), 1, dtype=torch.long), images.grids], 1)
     return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
                 pixel_values=images.patches, image_grid_thw=grid_thw)

@@ -1,15 +1,17 @@
 """Pack image conversations into one fixed-size multimodal micro-batch (THD in both towers).
 
-A pack holds ``k`` samples (one image + its conversation each) back to back in a fixed LLM token
+A pack holds ``k`` samples (a conversation and its 0..n images each) back to back in a fixed LLM token
 budget ``T`` (the tail is padding) and at most ``V`` ViT patches. The ViT side is not padded: the
 encoder runs whole on the first pipeline stage and its output never crosses a stage boundary, so
 its length may vary from pack to pack, and a padding segment would cost attention over itself
 (quadratic in its length: up to half a pack's ViT FLOPs). Each sample is its own
 attention segment in the LLM (``cu_seqlens``: causal within a sample, never across) and each
-image its own segment in the ViT (``PackedImages.cu_seqlens``); the LLM's padding tail is one more
+image its own segment in the ViT (``PackedImages.cu_seqlens``; a pack of text-only samples has no
+ViT side, ``images`` None); the LLM's padding tail is one more
 segment (``data.packing.pack_layout``'s convention), so real tokens never attend to it.
-Position ids restart at 0 in every segment. The images are in sample order, which is the order
-of their ``<|image_pad|>`` placeholders in ``input_ids``.
+Position ids restart at 0 in every segment. The images are in sample order and, within a
+sample, in the order its conversation shows them, which is the order of their
+``<|image_pad|>`` placeholders in ``input_ids``.
 """
 
 from __future__ import annotations
@@ -28,10 +30,11 @@ MERGE_WINDOW = 4  # 2×2 ViT patches -> one LLM token
 
 @dataclasses.dataclass
 class MultimodalSample:
-    """One image ``[3, H, W]`` (sides multiples of 28) and its encoded conversation."""
+    """An encoded conversation and its images ``[3, H_i, W_i]`` (sides multiples of 28), in the
+    order the conversation shows them (none for a text-only sample)."""
 
     key: str
-    image: torch.Tensor
+    images: Sequence[torch.Tensor]
     conversation: EncodedConversation
 
 
@@ -53,7 +56,8 @@ class MultimodalBatch:
     label_task: int64 ``[T]``, index into ``kinds`` of the task ``labels[t]`` belongs to, -1 where
         masked (per-task losses: ``loss[label_task == i]``).
     images: ``PackedImages``: patches ``[N <= V, 3·14·14]`` (the images' own, no padding),
-        ``cu_seqlens`` per image, ``grids [k, 2]``.
+        ``cu_seqlens`` per image, ``grids [n, 2]`` (``n`` images of the ``k`` samples); None
+        when no sample of the pack has an image.
     keys: sample keys; task_kinds: per sample, the kinds of its turns in order.
     kinds: the task-kind names ``label_task`` indexes.
     skipped: skip counts at the time the batch was made (reason -> samples).
@@ -66,7 +70,7 @@ class MultimodalBatch:
     cu_seqlens: torch.Tensor
     max_seqlen: int
     label_task: torch.Tensor
-    images: PackedImages
+    images: PackedImages | None
     keys: list[str]
     task_kinds: list[list[str]]
     kinds: tuple[str, ...]
@@ -87,19 +91,20 @@ def pack_multimodal(samples: Sequence[MultimodalSample], llm_tokens: int, vit_to
     """Lay ``samples`` out in one ``MultimodalBatch`` (see its docstring for shapes).
 
     Raises ValueError if the samples overflow either budget or a conversation's placeholders do
-    not match its image's merge windows.
+    not match its images' merge windows.
     """
     if not samples:
         raise ValueError("a pack needs at least one sample")
     kinds = tuple(kinds)
     for sample in samples:
-        windows = image_llm_tokens(sample.image)
+        windows = sum(image_llm_tokens(image) for image in sample.images)
         if sample.conversation.num_image_tokens != windows:
             raise ValueError(f"sample {sample.key}: {sample.conversation.num_image_tokens} "
-                             f"image placeholders for an image of {windows} merge windows")
+                             f"image placeholders for images of {windows} merge windows")
     layout = pack_layout([len(s.conversation) for s in samples], llm_tokens)
-    images = pack_images([s.image for s in samples])
-    if len(images.patches) > vit_tokens:
+    all_images = [image for s in samples for image in s.images]
+    images = pack_images(all_images) if all_images else None
+    if images is not None and len(images.patches) > vit_tokens:
         raise ValueError(f"{len(images.patches)} patches do not fit the ViT budget {vit_tokens}")
 
     input_ids = torch.full((llm_tokens,), pad_id, dtype=torch.int64)

@@ -208,7 +208,7 @@ class RegionQALoader:
         if not conversation.turns:
             self.skips["no_turn_fits"] += 1
             return None
-        return MultimodalSample(key, image, conversation)
+        return MultimodalSample(key, [image], conversation)
 
     # --- resume -------------------------------------------------------------------------------
 

@@ -1,6 +1,8 @@
 """Multimodal packing against the per-sample (unpacked) oracle: segments, restarting positions,
 labels that never cross a sample, placeholders in image order, the padding segment."""
 
+from itertools import takewhile
+
 import pytest
 import torch
 
@@ -31,7 +33,7 @@ def samples(template):
     out = []
     for i, ((h, w), turns) in enumerate(zip(SIZES, TURNS)):
         image = torch.randn(3, h, w, generator=generator)
-        out.append(MultimodalSample(f"s{i}", image,
+        out.append(MultimodalSample(f"s{i}", [image],
                                     template.encode(turns, image_llm_tokens(image))))
     return out
 
@@ -93,7 +95,7 @@ def test_images_follow_their_placeholders(template, samples):
     assert bounds == [0, 24, 32, 56]
     for i, sample in enumerate(samples):
         assert torch.equal(packed.patches[bounds[i]:bounds[i + 1]],
-                           image_to_patches(sample.image)[0])
+                           image_to_patches(sample.images[0])[0])
     with pytest.raises(ValueError, match="56 patches do not fit the ViT budget 55"):
         pack_multimodal(samples, 400, 55, template.pad_id, TASK_KINDS)
     # Placeholders in input_ids, in order, belong to samples 0, 0, ..., 1, 1, 2, ...
@@ -110,6 +112,35 @@ def test_a_full_pack_has_no_padding_segment_and_overflow_is_refused(template, sa
         pack_multimodal(samples, exact - 1, 200, template.pad_id, TASK_KINDS)
     with pytest.raises(ValueError, match="do not fit"):
         pack_multimodal(samples, exact, 55, template.pad_id, TASK_KINDS)
-    wrong = MultimodalSample("bad", samples[0].image, samples[1].conversation)
-    with pytest.raises(ValueError, match="2 image placeholders for an image of 6"):
+    wrong = MultimodalSample("bad", samples[0].images, samples[1].conversation)
+    with pytest.raises(ValueError, match="2 image placeholders for images of 6"):
         pack_multimodal([wrong], 400, 200, template.pad_id, TASK_KINDS)
+
+
+def test_multi_image_and_text_only_samples(template):
+    """A two-image conversation keeps its images in the order it shows them (the ViT segments and
+    the placeholder runs agree image by image); a text-only sample adds LLM tokens only; a pack
+    of text-only samples has no ViT side."""
+    from megatron_finevit.data.tasks.chat import Message
+
+    generator = torch.Generator().manual_seed(1)
+    first, second = torch.randn(3, 28, 56, generator=generator), torch.randn(3, 56, 56,
+                                                                             generator=generator)
+    messages = [Message("user", ("Compare ", 0, " with ", 1, ".")), Message("assistant", ("Same.",))]
+    two = MultimodalSample("two", [first, second], template.encode_messages(
+        messages, [image_llm_tokens(first), image_llm_tokens(second)]))
+    text = MultimodalSample("text", [], template.encode_messages(
+        [Message("user", ("2 + 2?",)), Message("assistant", ("4",))]))
+    batch = pack_multimodal([text, two], 200, 100, template.pad_id, ("conversation",))
+    assert batch.images.cu_seqlens.tolist() == [0, 8, 24]
+    assert torch.equal(batch.images.patches[:8], image_to_patches(first)[0])
+    assert torch.equal(batch.images.patches[8:], image_to_patches(second)[0])
+    # the first run of placeholders (2 windows) is the first image's, then the second's (4)
+    ids = batch.input_ids.tolist()
+    vision_start = template.tokenizer.token_id("<|vision_start|>")
+    runs = [len(list(takewhile(lambda t: t == template.image_token_id, ids[i + 1:])))
+            for i, t in enumerate(ids) if t == vision_start]
+    assert runs == [2, 4]
+    assert batch.cu_seqlens[1] == len(text.conversation)  # the text-only sample comes first
+    only_text = pack_multimodal([text], 64, 100, template.pad_id, ("conversation",))
+    assert only_text.images is None and int(only_text.loss_mask.sum()) == 2  # "4", <|im_end|>
