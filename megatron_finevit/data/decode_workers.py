@@ -76,18 +76,26 @@ class ShardFiles:
     def read(self, location: SampleLocation) -> tuple[bytes, dict]:
         """(image bytes, validated meta) with two ``pread``s; BadSampleError if cut off or the
         JSON is invalid."""
-        fd = self._fds.get(location.path)
+        images, meta = self.read_members(
+            location.path, location.key, [(location.image_offset, location.image_size)],
+            (location.json_offset, location.json_size))
+        return images[0], meta
+
+    def read_members(self, path: str, key: str, images: list[tuple[int, int]],
+                     json_member: tuple[int, int]) -> tuple[list[bytes], dict]:
+        """(the bytes of each ``(offset, size)`` image member, validated meta); BadSampleError
+        if cut off or the JSON is invalid."""
+        fd = self._fds.get(path)
         if fd is None:
-            fd = self._fds[location.path] = os.open(location.path, os.O_RDONLY)
-        image = os.pread(fd, location.image_size, location.image_offset)
-        text = os.pread(fd, location.json_size, location.json_offset)
-        if len(image) != location.image_size or len(text) != location.json_size:
-            raise BadSampleError("truncated_tar", f"sample {location.key} is cut off")
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        data = [os.pread(fd, size, offset) for offset, size in [*images, json_member]]
+        if any(len(d) != size for d, (_, size) in zip(data, [*images, json_member])):
+            raise BadSampleError("truncated_tar", f"sample {key} is cut off")
         try:
-            meta = json.loads(text.decode("utf-8"))
+            meta = json.loads(data[-1].decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise BadSampleError("invalid_json", str(err)) from None
-        return image, validate_meta(meta)
+        return data[:-1], validate_meta(meta)
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -148,11 +148,13 @@ def policy_sizes(index: SampleIndex, policy: ResizePolicy, reject_size: int,
 
 
 class SampleReader:
-    """Random access to indexed samples: ``read(i) -> (image bytes, meta)`` via tar offsets."""
+    """Random access to indexed samples via tar offsets: ``read(i) -> (image bytes, meta)`` (its
+    first image), ``read_images(i) -> ([image bytes], meta)`` (all of a conversation's images,
+    in order; none for a text-only sample)."""
 
     def __init__(self, index: SampleIndex):
         self.index = index
-        self._members: list[list[tuple[int, int, int, int]]] = []  # per shard, per row
+        self._members: list[list[_MemberRow]] = []  # per shard, per row
         for name in index.shards:
             self._members.append(_read_member_table(dali_index_path(index.shard_dir, name)))
         starts = np.zeros(len(index.shards) + 1, dtype=np.int64)
@@ -166,30 +168,50 @@ class SampleReader:
                                    f"lists {len(members)} samples, index.zarr {expected}: rebuild "
                                    "the index (tools/build_index.py)")
 
-    def locate(self, sample: int) -> SampleLocation:
-        """The tar members of index row ``sample`` (what a decode worker reads)."""
+    def _row(self, sample: int) -> tuple[str, _MemberRow]:
         shard = int(self.index.shard_id[sample])
-        row = sample - int(self._row_start[shard])
-        return SampleLocation(str(self.index.shard_path(sample)), str(self.index.key[sample]),
-                              *self._members[shard][row])
+        return (str(self.index.shard_path(sample)),
+                self._members[shard][sample - int(self._row_start[shard])])
+
+    def locate(self, sample: int) -> SampleLocation:
+        """The tar members of index row ``sample``'s first image and JSON (what a decode worker
+        reads); BadSampleError ("missing_image") for a text-only sample."""
+        path, (images, json_member) = self._row(sample)
+        key = str(self.index.key[sample])
+        if not images:
+            raise BadSampleError("missing_image", f"sample {key} has no image")
+        return SampleLocation(path, key, *images[0], *json_member)
 
     def read(self, sample: int) -> tuple[bytes, dict]:
         return self._files.read(self.locate(sample))
+
+    def read_images(self, sample: int) -> tuple[list[bytes], dict]:
+        """Every image member of row ``sample`` in order, and its validated meta."""
+        path, (images, json_member) = self._row(sample)
+        key = str(self.index.key[sample])
+        return self._files.read_members(path, key, images, json_member)
 
     def close(self) -> None:
         self._files.close()
 
 
-def _read_member_table(path: Path) -> list[tuple[int, int, int, int]]:
-    """``(image offset, image size, json offset, json size)`` per line of a DALI index file."""
+# (image members [(offset, size)] in order, JSON member (offset, size)) of one index row
+_MemberRow = tuple[list[tuple[int, int]], tuple[int, int]]
+
+
+def _read_member_table(path: Path) -> list[_MemberRow]:
+    """Per line of a DALI index file, its image members in order (``jpg``, ``1.png``, ... —
+    ``data/shards.py``) and its JSON member."""
     lines = path.read_text().splitlines()
     table = []
     for line in lines[1:]:
         fields = line.split()
-        members = {fields[i]: (int(fields[i + 1]), int(fields[i + 2]))
-                   for i in range(0, len(fields), 4)}
-        image_ext = next(ext for ext in members if ext in IMAGE_EXTS)
-        table.append((*members[image_ext], *members["json"]))
+        members = [(fields[i], int(fields[i + 1]), int(fields[i + 2]))
+                   for i in range(0, len(fields), 4)]
+        images = [(offset, size) for ext, offset, size in members
+                  if ext.rsplit(".", 1)[-1] in IMAGE_EXTS]
+        json_member = next((offset, size) for ext, offset, size in members if ext == "json")
+        table.append((images, json_member))
     return table
 
 

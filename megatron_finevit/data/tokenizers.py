@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import importlib.util
 import json
 import unicodedata
@@ -134,6 +135,16 @@ class QwenTokenizer:
         self._encoding = tiktoken.Encoding("qwen", pat_str=pattern,
                                            mergeable_ranks=mergeable_ranks,
                                            special_tokens=self.special_tokens)
+
+    def fingerprint(self) -> str:
+        """A digest of everything that decides the ids (ranks, special tokens, pattern, NFC):
+        equal for tokenizers that encode every text alike (keys caches of token counts)."""
+        digest = hashlib.sha256()
+        for token, rank in sorted(self._encoding._mergeable_ranks.items(), key=lambda i: i[1]):
+            digest.update(token + rank.to_bytes(4, "little"))
+        digest.update(json.dumps([sorted(self.special_tokens.items()), self._encoding._pat_str,
+                                  self.nfc]).encode())
+        return digest.hexdigest()[:16]
 
     @classmethod
     def from_tiktoken(cls, path: str | Path | None = None,

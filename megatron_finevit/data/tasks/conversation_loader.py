@@ -1,0 +1,255 @@
+"""Resumable loader of packed SFT conversation micro-batches for one data-parallel rank.
+
+    shard dir + index.zarr (tools/import_conversations.py + tools/build_index.py)
+      ─ exact (ViT patches, LLM tokens) per conversation ─ PackedBatchSampler
+      ─ random-access reads of every image (SampleReader.read_images) ─ PIL decode at the policy
+      ─ Qwen3 chat tokens (chat.encode_messages) ─ pack_multimodal  →  MultimodalBatch
+
+Exact sizes. A conversation's LLM length is known only once it is rendered, and nothing may be
+truncated, so the loader measures every conversation once before packing: it reads each
+sample's JSON (one ``pread``, no image decoded), checks the conversation's rules and renders it
+with the run's tokenizer at the loader's resize policy (each image's size from its JSON). The
+result ``[n, 2]`` (patches, tokens) is cached next to the index in ``sft_sizes/`` under a name
+that fingerprints everything it depends on (the indexed shards, the policy, the tokenizer), so
+later runs and the other ranks read it instead (written atomically: concurrent writers of the
+same file are harmless). A text-only conversation is charged one ViT patch: the sampler's sizes
+are positive, and it costs at most one patch of budget per such sample.
+
+Skips, counted in ``skipped``: ``oversize`` (more patches or tokens than a pack holds: never
+truncated), the resize policy's refusals (``extreme_aspect_ratio``, ``degenerate_size``), and the
+conversation rules' reasons (``conversation.check_messages``: ``roles_not_alternating``,
+``image_count_mismatch``, ...) — all decided at measurement, over the whole set; unreadable or
+undecodable images at load time go to the shared ``BadSampleCounter`` as in
+``PackedImageLoader``, and ``size_mismatch`` counts a decoded image whose size disagrees with its
+JSON (its placeholders would not match).
+
+Per-sample kinds (for ``loss_<kind>`` logs): ``text`` (no image), ``image``, ``multi_image``, and
+``reasoning`` for any conversation whose answers hold a ``<think>`` block.
+
+Determinism and resume as ``RegionQALoader``: packs are the sampler's (DP-disjoint, seeded), a
+sample's tokens depend on nothing else, and ``state_dict`` is the sampler's state plus the skip
+counts: a resumed loader yields exactly the batches the uninterrupted one yields next.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import zlib
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from megatron_finevit.data.bad_samples import BadSampleCounter, BadSampleError
+from megatron_finevit.data.decode_pil import Normalization, decode_pil
+from megatron_finevit.data.index import SampleIndex, load_index
+from megatron_finevit.data.loader import SampleReader
+from megatron_finevit.data.packing import PackedBatchSampler
+from megatron_finevit.data.resize import STAGE_MAX_PIXELS, ResizePolicy
+from megatron_finevit.data.tasks.chat import Qwen3ChatTemplate
+from megatron_finevit.data.tasks.conversation import image_token_counts, messages_from_meta
+from megatron_finevit.data.tasks.multimodal import (MultimodalBatch, MultimodalSample,
+                                                    image_llm_tokens, pack_multimodal)
+from megatron_finevit.data.tokenizers import QwenTokenizer
+
+log = logging.getLogger(__name__)
+
+_STATE_VERSION = 1
+_SIZES_DIR = "sft_sizes"
+_SIZES_VERSION = 1  # bump when the rendering changes what a conversation costs
+CONVERSATION_KINDS = ("text", "image", "multi_image", "reasoning")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConversationConfig:
+    """SFT data settings.
+
+    llm_tokens / vit_tokens: fixed LLM tokens and ViT patches per pack (paper: 4,096 in phase I,
+    10,240 in phase II). policy: resize policy of every image. seed, buffer_size, min_fill: the
+    packing sampler's (``PackedBatchSampler``).
+    """
+
+    llm_tokens: int = 4096
+    vit_tokens: int = 16384
+    policy: ResizePolicy = ResizePolicy(max_pixels=STAGE_MAX_PIXELS["align"])
+    seed: int = 0
+    buffer_size: int = 512
+    min_fill: float = 0.9
+
+    def __post_init__(self):
+        for name in ("llm_tokens", "vit_tokens", "buffer_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def conversation_kind(meta: dict) -> str:
+    """The sample's kind (module docstring)."""
+    assistant_text = " ".join(piece.get("text", "") for turn in meta["conversation"]
+                              if turn.get("role") == "assistant" for piece in turn["content"])
+    if "<think>" in assistant_text:
+        return "reasoning"
+    images = len(meta.get("images", []))
+    return "text" if images == 0 else "image" if images == 1 else "multi_image"
+
+
+def _measure(meta: dict, template: Qwen3ChatTemplate, policy: ResizePolicy) -> tuple[int, int]:
+    """(ViT patches, LLM tokens) of one conversation sample (BadSampleError when broken)."""
+    messages = messages_from_meta(meta)
+    image_tokens = image_token_counts(meta, policy)  # BadSampleError when the policy refuses
+    tokens = len(template.encode_messages(messages, image_tokens).ids)
+    return max(1, 4 * sum(image_tokens)), tokens
+
+
+def _sizes_cache_path(index: SampleIndex, policy: ResizePolicy,
+                      tokenizer: QwenTokenizer) -> Path:
+    """Where the measured sizes of ``index`` under ``policy`` and ``tokenizer`` are cached."""
+    from megatron_finevit.data.index import INDEX_NAME
+
+    import zarr
+
+    attrs = dict(zarr.open_group(str(Path(index.shard_dir) / INDEX_NAME), mode="r").attrs)
+    fingerprint = json.dumps({"shards": attrs.get("shards"), "policy": policy.to_dict(),
+                              "tokenizer": tokenizer.fingerprint(), "version": _SIZES_VERSION},
+                             sort_keys=True)
+    digest = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
+    return Path(index.shard_dir) / _SIZES_DIR / f"{digest}.npz"
+
+
+def measure_conversations(index: SampleIndex, reader: SampleReader,
+                          template: Qwen3ChatTemplate, policy: ResizePolicy
+                          ) -> tuple[np.ndarray, list[str]]:
+    """``(sizes [n, 2] int64, reasons [n])``: each sample's (patches, tokens), or ``(0, 0)`` and
+    why it cannot be used ("" when it can); read from the cache when it is there."""
+    path = _sizes_cache_path(index, policy, template.tokenizer)
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as cached:
+            return cached["sizes"], [str(r) for r in cached["reasons"]]
+    sizes = np.zeros((len(index.key), 2), dtype=np.int64)
+    reasons = [""] * len(index.key)
+    for sample in tqdm(range(len(index.key)), desc="measuring conversations", unit="sample",
+                       disable=None, mininterval=5.0):
+        try:
+            _, meta = reader.read_images(sample)
+            sizes[sample] = _measure(meta, template, policy)
+        except BadSampleError as err:
+            reasons[sample] = err.reason
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
+    np.savez(tmp, sizes=sizes, reasons=np.asarray(reasons, dtype=str))
+    os.replace(tmp, path)
+    return sizes, reasons
+
+
+class ConversationLoader:
+    """Infinite, resumable iterator of ``MultimodalBatch`` of SFT conversations for one DP rank.
+
+    Args:
+        shard_dir: conversation shards + ``index.zarr`` + ``dali_index/``.
+        config: ``ConversationConfig``.
+        tokenizer: the Qwen tokenizer (default: ``QwenTokenizer.from_tiktoken()``).
+        dp_rank, dp_size: this rank's disjoint share.
+        use_draft, norm: as ``PackedImageLoader`` (``decode_pil``).
+        counter: shared bad-sample counter.
+    """
+
+    def __init__(self, shard_dir, config: ConversationConfig = ConversationConfig(),
+                 tokenizer: QwenTokenizer | None = None, *, dp_rank: int = 0, dp_size: int = 1,
+                 use_draft: bool = False, norm: Normalization = Normalization(),
+                 counter: BadSampleCounter | None = None):
+        self.config = config
+        self.template = Qwen3ChatTemplate(tokenizer or QwenTokenizer.from_tiktoken())
+        self.index = load_index(shard_dir)
+        self.reader = SampleReader(self.index)
+        self.use_draft, self.norm = use_draft, norm
+        self.counter = counter if counter is not None else BadSampleCounter(name=str(shard_dir))
+
+        sizes, reasons = measure_conversations(self.index, self.reader, self.template,
+                                               config.policy)
+        budget = np.array([config.vit_tokens, config.llm_tokens])
+        broken = np.array([bool(r) for r in reasons], dtype=bool)
+        oversize = (sizes > budget).any(axis=1) & ~broken
+        self.sizes = sizes.copy()
+        self.sizes[broken] = budget + 1  # the sampler leaves them out
+        self._static_skips = Counter(r for r in reasons if r)
+        self._static_skips["oversize"] = int(oversize.sum())
+        self.skips: Counter[str] = Counter()
+        self.sampler = PackedBatchSampler(
+            self.sizes, budget, buffer_size=config.buffer_size, seed=config.seed,
+            dp_rank=dp_rank, dp_size=dp_size, min_fill=config.min_fill)
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Samples left out so far, by reason (see the module docstring)."""
+        return {**self._static_skips, "size_mismatch": self.skips["size_mismatch"]}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> MultimodalBatch:
+        while True:
+            batch = self._load(next(iter(self.sampler)))
+            if batch is not None:
+                return batch
+
+    def epoch(self):
+        """The batches of the rest of the current epoch (this rank's share once)."""
+        for pack in self.sampler:
+            batch = self._load(pack)
+            if batch is not None:
+                yield batch
+
+    def _load(self, pack: list[int]) -> MultimodalBatch | None:
+        samples = [s for s in (self._sample(i) for i in pack) if s is not None]
+        if not samples:
+            return None
+        batch = pack_multimodal(samples, self.config.llm_tokens, self.config.vit_tokens,
+                                self.template.pad_id, CONVERSATION_KINDS)
+        batch.skipped = self.skipped
+        return batch
+
+    def _sample(self, sample: int) -> MultimodalSample | None:
+        key = str(self.index.key[sample])
+        try:
+            encoded_images, meta = self.reader.read_images(sample)
+            images = [decode_pil(data, self.config.policy, self.norm, use_draft=self.use_draft)
+                      for data in encoded_images]
+            messages = messages_from_meta(meta)
+        except BadSampleError as err:
+            self.counter.skip_error(err, member=key)
+            return None
+        self.counter.ok()
+        image_tokens = image_token_counts(meta, self.config.policy)
+        if image_tokens != [image_llm_tokens(image) for image in images]:
+            self.skips["size_mismatch"] += 1
+            log.warning("sample %s: decoded image sizes disagree with its JSON; skipped", key)
+            return None
+        conversation = self.template.encode_messages(messages, image_tokens,
+                                                     kind=conversation_kind(meta))
+        return MultimodalSample(key, images, conversation)
+
+    # --- resume -------------------------------------------------------------------------------
+
+    def _sizes_checksum(self) -> int:
+        return zlib.crc32(self.sizes.astype("<i8").tobytes())
+
+    def state_dict(self) -> dict:
+        return {"version": _STATE_VERSION, "sampler": self.sampler.state_dict(),
+                "skips": dict(self.skips), "sizes_crc32": self._sizes_checksum()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume; the per-sample sizes must be the saved run's (its packs were formed with
+        them)."""
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"unsupported conversation loader state version "
+                             f"{state.get('version')}")
+        if state["sizes_crc32"] != self._sizes_checksum():
+            raise ValueError("the per-conversation pack sizes differ from the saved run's (data, "
+                             "policy, budgets or tokenizer changed): its packs would not fit; "
+                             "resume with the same data settings")
+        self.sampler.load_state_dict(state["sampler"])
+        self.skips = Counter({k: int(v) for k, v in state["skips"].items()})
