@@ -1,8 +1,8 @@
-"""Standalone evaluation of a Stage I (MIM), Stage II (contrastive) or Stage III (align) checkpoint
-on an indexed shard directory:
+"""Standalone evaluation of a Stage I (MIM), Stage II (contrastive), Stage III (align) or SFT
+checkpoint on an indexed shard directory:
 
     python -m megatron_finevit.evaluate --checkpoint runs/quickstart/stage2 \
-        --data runs/quickstart/data/eval [--task retrieval|zero_shot|mim|align|all] [--json OUT]
+        --data runs/quickstart/data/eval [--task retrieval|zero_shot|mim|align|vqa|all] [--json OUT]
 
 The run config comes from the checkpoint (as saved by the trainer) or from ``--config`` — e.g. a
 Stage II config with a Stage I checkpoint evaluates the model Stage II starts from (Stage I's
@@ -12,7 +12,9 @@ recall@1/5/10 image→text and text→image, zero-shot top-1/5 over the syntheti
 and chance. Stage I: the MIM loss per masked token and the prediction–target cosine on fixed masks.
 Stage III: greedy answers to held-out region questions — grounding accuracy at IoU >= 0.5
 (caption -> box), exact match and token F1 of region captions and OCR (box -> text) — each beside
-a trivial baseline (the mean box; the most frequent answer).
+a trivial baseline (the mean box; the most frequent answer). SFT (``--task vqa``): greedy short
+answers to held-out VQA conversations (``tools/make_synthetic_vqa.py --split eval``), accuracy per
+question kind beside the majority-answer baseline (``training.stages.sft_eval``).
 
 The paper's benchmarks (Stage II checkpoints, one process; ``evaluation.benchmark_sets`` gives
 each directory layout):
@@ -40,21 +42,25 @@ from megatron_finevit.logs import quiet_third_party_logs
 
 TASK_KEYS = {"retrieval": ("i2t", "t2i", "chance_r1", "num_images"),
              "zero_shot": ("zero_shot",), "mim": ("mim_", "masked_tokens", "num_images"),
-             "align": ("grounding_", "region_caption_", "ocr_", "eval_skipped")}
+             "align": ("grounding_", "region_caption_", "ocr_", "eval_skipped"),
+             "vqa": ("vqa_",)}
 TASK_STAGES = {"retrieval": "contrastive", "zero_shot": "contrastive", "mim": "mim",
-               "align": "align"}
+               "align": "align", "vqa": "sft"}
+STAGE_TITLES = {"mim": "a Stage I (mim)", "contrastive": "a Stage II (contrastive)",
+                "align": "a Stage III (align)", "sft": "an SFT (sft)"}
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m megatron_finevit.evaluate",
                                      description="Evaluate a Stage I (MIM), Stage II "
-                                     "(contrastive) or Stage III (align) checkpoint on an indexed "
-                                     "shard directory.")
+                                     "(contrastive), Stage III (align) or SFT checkpoint on an "
+                                     "indexed shard directory.")
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory (with `latest`)")
     parser.add_argument("--data", required=True, help="indexed shard directory to evaluate on "
                         "(with --benchmark: the benchmark's directory)")
     parser.add_argument("--task", choices=(*TASK_KEYS, "all"), default="all",
-                        help="retrieval / zero_shot: Stage II; mim: Stage I; align: Stage III")
+                        help="retrieval / zero_shot: Stage II; mim: Stage I; align: Stage III; "
+                             "vqa: SFT")
     parser.add_argument("--benchmark", choices=BENCHMARKS,
                         help="a paper benchmark instead of --task (Stage II checkpoints)")
     parser.add_argument("--config", help="run config YAML (default: the checkpoint's own)")
@@ -106,19 +112,26 @@ def evaluation_config(args):
         raise PreflightErrors([error for error in (
             (problems or data_problems) and ConfigError(problems + data_problems),
             checkpoint_problems and CheckpointError(checkpoint_problems)) if error])
-    if cfg.stage not in TASK_STAGES.values():
+    has_evaluation = args.task == "all" or TASK_STAGES[args.task] == cfg.stage
+    if not has_evaluation:
+        problems.append(f"--task {args.task} does not apply to a {cfg.stage} run: give "
+                        f"{STAGE_TITLES[TASK_STAGES[args.task]]} checkpoint or --config")
+    elif cfg.stage not in STAGE_TITLES:
+        has_evaluation = False
         problems.append(f"stage {cfg.stage!r} has no evaluation here: give a Stage I (mim), "
-                        "Stage II (contrastive) or Stage III (align) checkpoint or --config")
+                        "Stage II (contrastive), Stage III (align) or SFT (sft) checkpoint or "
+                        "--config")
     elif args.benchmark and cfg.stage != "contrastive":
         problems.append(f"--benchmark needs a Stage II (contrastive) model, this is a {cfg.stage} "
                         "run: give a Stage II checkpoint or --config")
-    elif args.task != "all" and TASK_STAGES[args.task] != cfg.stage:
-        problems.append(f"--task {args.task} does not apply to a {cfg.stage} run")
-    if cfg.stage == "align" and saved is not None and saved.get("stage") == "align":
-        # a Stage III checkpoint sets every weight: the initial pieces are not read (another
-        # stage's checkpoint, e.g. Stage II's, loads over them: the model Stage III starts from)
+    if cfg.stage in ("align", "sft") and saved is not None and saved.get("stage") == cfg.stage:
+        # a Stage III / SFT checkpoint sets every weight: the initial pieces are not read
+        # (another stage's checkpoint, e.g. Stage II's, loads over them: the model the stage
+        # starts from), nor are random initial weights asked for
         cfg.stage_config.pop("vit_init_dir", None)
         cfg.stage_config.pop("llm_init_dir", None)
+        if cfg.stage == "sft":
+            cfg.stage_config.pop("allow_random_init", None)
     cfg.train_steps, cfg.global_batch_size = 0, 1
     cfg.samples_per_step, cfg.global_batch_schedule = 0, []  # no training batch to size
     cfg.optim.warmup_steps = 0
@@ -138,7 +151,7 @@ def evaluation_config(args):
         problems += input_path_problems(data)
         if launch_world_size() > 1:
             problems.append("--benchmark runs in one process: start it without torchrun / srun")
-    else:
+    elif has_evaluation:  # (a stage without this evaluation may not know the key)
         cfg.stage_config["eval_data_dir"] = args.data
     found = find_problems(cfg, launch_world_size(), problems)
     if args.benchmark:
@@ -179,6 +192,8 @@ def format_table(results: dict[str, float]) -> str:
                      f"{100 * results['zero_shot_chance_top1']:.1f}%")
     if "grounding_acc" in results:
         lines.append(format_align_table(results))
+    if "vqa_n" in results:
+        lines.append(format_vqa_table(results))
     return "\n".join(lines)
 
 
@@ -197,6 +212,20 @@ def format_align_table(results: dict[str, float]) -> str:
         if value in results:
             lines.append(f"{label:42s}{int(results[n]):6d}{100 * results[value]:8.1f}%"
                          f"{100 * results[baseline]:9.1f}%  ({what})")
+    return "\n".join(lines)
+
+
+def format_vqa_table(results: dict[str, float]) -> str:
+    """SFT: VQA accuracy per question kind beside the majority-answer baseline (percent)."""
+    kinds = sorted(key[len("vqa_n_"):] for key in results if key.startswith("vqa_n_"))
+    lines = [f"{'held-out VQA (exact match)':28s}{'n':>6s}{'model':>9s}{'baseline':>10s}"]
+    for label, suffix in [*((kind, f"_{kind}") for kind in kinds), ("all", "")]:
+        if f"vqa_acc{suffix}" in results:
+            lines.append(f"{label:28s}{int(results[f'vqa_n{suffix}']):6d}"
+                         f"{100 * results[f'vqa_acc{suffix}']:8.1f}%"
+                         f"{100 * results[f'vqa_baseline{suffix}']:9.1f}%")
+    lines.append(f"(baseline: the most frequent answer of each kind; "
+                 f"{int(results.get('vqa_skipped', 0))} samples skipped)")
     return "\n".join(lines)
 
 
