@@ -124,3 +124,32 @@ def tiny_align_run(assets: dict, steps: int, global_batch: int = 2, tp: int = 1,
                         "llm": "tiny_qwen3", "llm_overrides": {"num_layers": 2},
                         "data": data, **stage_config}
     return cfg
+
+
+def tiny_sft_run(assets: dict, steps: int, global_batch: int = 2, tp: int = 1, pp: int = 1,
+                 sp: bool = False, **stage_config) -> TrainConfig:
+    """A tiny fp32 SFT run (the models of ``tiny_align_run``) over ``assets["sft"]``
+    (``testing.conversations.make_conversation_shards``): packs of 256 LLM tokens and 256 ViT
+    patches, images up to 112²."""
+    cfg = tiny_align_run(assets, steps, global_batch, tp, pp, sp)
+    cfg.stage = "sft"
+    data = {"dir": assets["sft"], "llm_tokens": 256, "vit_tokens": 256,
+            "max_pixels": 112 * 112, "buffer_size": 32, "use_draft": True}
+    cfg.stage_config = {**{k: v for k, v in cfg.stage_config.items() if k != "data"},
+                        "data": data, **stage_config}
+    return cfg
+
+
+class Interleaved:
+    """One rank's iterator over the packs of several DP ranks' loaders, in turn."""
+
+    def __init__(self, loaders):
+        self.loaders, self.turn = loaders, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        loader = self.loaders[self.turn % len(self.loaders)]
+        self.turn += 1
+        return next(loader)

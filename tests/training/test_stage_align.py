@@ -2,9 +2,10 @@
 
 * Initialisation: the encoder from a Stage II run's checkpoint, the LLM from a converted HF
   Qwen3, checked tensor by tensor against those files; a mismatched piece is one clear error.
-* Layouts: from the same initial weights, three steps at TP2 + SP, PP2 (uneven LM split) and DP2
-  with the distributed optimiser give the single-rank losses (DP2 against one rank accumulating
-  both ranks' packs), on data with a corrupt image in the first pack (under PP every stage
+* Layouts: from the same initial weights, three steps at TP2 + SP, PP2 (uneven LM split), CP2
+  and DP2 with the distributed optimiser give the single-rank losses (DP2 against one rank
+  accumulating both ranks' packs; CP2 against one rank on the same packs, every sample padded
+  to 2·cp = 4 tokens), on data with a corrupt image in the first pack (under PP every stage
   skips it alike).
 * Freeze switches: the encoder frozen until step 2 (its weights do not move, then do), the
   projector at 5× the learning rate; a run stopped before, at and after the switch and resumed
@@ -13,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import pytest
@@ -20,6 +22,7 @@ import torch
 
 from megatron_finevit.testing.multirank import run_world
 from megatron_finevit.testing.stage_assets import (
+    Interleaved,
     make_align_assets,
     make_stage_assets,
     tiny_align_run,
@@ -28,7 +31,8 @@ from megatron_finevit.testing.stage_assets import (
 
 STEPS = 3
 LAYOUTS = {"tp2_sp": dict(tp=2, sp=True), "pp2": dict(pp=2, first_stage_llm_layers=1),
-           "dp2": dict()}
+           "cp2": dict(cp=2), "dp2": dict()}
+REFERENCES = {"dp2": "dp_oracle", "cp2": "cp_oracle"}  # single-rank runs (default: "single")
 SWITCH = 2  # the encoder starts training here
 RESUME_STEPS = 4
 POLICIES = {"vit_policy": {"train_from": SWITCH}, "projector_policy": {"lr_mult": 5.0}}
@@ -36,27 +40,14 @@ GENERATION_QUESTION = "Where is a red circle? Answer with a bounding box."
 GENERATION_TOKENS = 12
 
 
-class Interleaved:
-    """One rank's iterator over the packs of several DP ranks' loaders, in turn."""
-
-    def __init__(self, loaders):
-        self.loaders, self.turn = loaders, 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        loader = self.loaders[self.turn % len(self.loaders)]
-        self.turn += 1
-        return next(loader)
-
-
 def _config(assets, steps, init_dir=None, layout=None, **stage_config):
     layout = dict(layout or {})
     first = layout.pop("first_stage_llm_layers", None)
     if first is not None:
         stage_config["first_stage_llm_layers"] = first
+    cp = layout.pop("cp", 1)
     cfg = tiny_align_run(assets, steps, **layout, **stage_config)
+    cfg.parallel.context_parallel = cp
     cfg.checkpoint.load_dir = init_dir
     return cfg
 
@@ -74,6 +65,7 @@ def _encoder_weight(trainer):
 
 def single_rank_world(rank, world_size, assets, stage_assets, dirs):
     from megatron_finevit.convert.mcore_io import MegatronCheckpointReader
+    from megatron_finevit.data.tasks.region_qa_loader import RegionQALoader
     from megatron_finevit.testing.corrupt_shards import truncate_image_bodies
     from megatron_finevit.training.checkpoint_files import CheckpointError
     from megatron_finevit.training.checkpointing import latest_checkpoint
@@ -150,6 +142,13 @@ def single_rank_world(rank, world_size, assets, stage_assets, dirs):
     stage = trainer.stage
     trainer.data = Interleaved([stage._loader(assets["train"], r, 2) for r in range(2)])
     runs["dp_oracle"] = _losses(trainer, STEPS)
+    # CP2's packs: every sample padded to 2·cp = 4 LLM tokens (the CP2 run's loader does that)
+    trainer = Trainer(_config(assets, STEPS, dirs["init"]))
+    stage = trainer.stage
+    trainer.data = RegionQALoader(assets["train"],
+                                  dataclasses.replace(stage.data_config, segment_multiple=4),
+                                  stage.template.tokenizer, use_draft=True, norm=stage.norm)
+    runs["cp_oracle"] = _losses(trainer, STEPS)
     out["runs"] = runs
     return out
 
@@ -265,7 +264,7 @@ def test_vlmevalkit_wrapper_answers_with_megatrons_tokens(runs, tmp_path):
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_losses_equal_single_rank(runs, name):
     single, pair, _ = runs
-    reference = single["runs"]["dp_oracle" if name == "dp2" else "single"]
+    reference = single["runs"][REFERENCES.get(name, "single")]
     assert single["skipped"] == 1  # the corrupt image was met and skipped
     assert len(set(reference)) == STEPS and reference[-1] < reference[0]  # it trains
     holders = [r[name] for r in pair if r[name][0] is not None]
@@ -302,7 +301,7 @@ def test_config_problems_are_listed_together():
     with pytest.raises(ConfigError) as info:
         get_stage("align")(cfg)
     text = "\n".join(info.value.problems)
-    for expected in ("context_parallel must be 1 for Stage III",
+    for expected in ("data.llm_tokens=127 must be a multiple of 4 (2 x context_parallel=2",
                      "data.llm_tokens=127 must be a multiple of tensor_parallel=2",
                      "llm_policy.lr_mult=-1.0 must be >= 0",
                      "every module is frozen",

@@ -88,7 +88,10 @@ class AlignDataSection:
 
 
 @dataclass
-class AlignStageConfig:
+class VLStageConfig:
+    """What every FineViT-VL stage (Stage III, SFT) sets: the model, where its weights start,
+    the tokenizer, the per-module policies and the held-out split."""
+
     vit: str = "tiny_vit"                      # preset of config/vit.py
     vit_overrides: dict = field(default_factory=dict)
     llm: str = "tiny_qwen3"                    # preset of config/llm.py
@@ -101,12 +104,7 @@ class AlignStageConfig:
     projector_policy: ModulePolicy = field(default_factory=ModulePolicy)
     llm_policy: ModulePolicy = field(default_factory=ModulePolicy)
     eval_data_dir: str | None = None           # held-out indexed shards for evaluate()
-    eval_max_images: int = 64                  # held-out images per evaluation
     eval_max_new_tokens: int = 24              # greedy decoding length
-    # the held-out question kinds (caption_to_bbox: grounding; bbox_to_caption; bbox_to_ocr)
-    eval_kinds: list = field(default_factory=lambda: ["caption_to_bbox", "bbox_to_caption",
-                                                      "bbox_to_ocr"])
-    data: AlignDataSection = field(default_factory=AlignDataSection)
 
     def input_paths(self) -> list[InputPath]:
         """What the stage reads, for ``training.preflight``."""
@@ -119,6 +117,15 @@ class AlignStageConfig:
 
     def policy(self, module: str) -> ModulePolicy:
         return getattr(self, f"{module}_policy")
+
+
+@dataclass
+class AlignStageConfig(VLStageConfig):
+    eval_max_images: int = 64                  # held-out images per evaluation
+    # the held-out question kinds (caption_to_bbox: grounding; bbox_to_caption; bbox_to_ocr)
+    eval_kinds: list = field(default_factory=lambda: ["caption_to_bbox", "bbox_to_caption",
+                                                      "bbox_to_ocr"])
+    data: AlignDataSection = field(default_factory=AlignDataSection)
 
 
 class AlignStage:
@@ -270,11 +277,19 @@ class AlignStage:
         elif d.mean_llm_tokens_per_sample > 0:
             mean, source = d.mean_llm_tokens_per_sample, "config"
         else:
-            mean = d.max_pixels // (14 * 14) // 4 + 2 + d.max_text_tokens
-            source = "max_pixels"
+            mean, source = self._mean_tokens_without_index()
         return [MicrobatchPhase(0, d.llm_tokens * d.min_fill / mean, {
-            "max_pixels": d.max_pixels, "mean_llm_tokens_per_sample": round(mean, 1),
+            **self._phase_details(), "mean_llm_tokens_per_sample": round(mean, 1),
             "samples_estimate": source, "pack_fill": d.min_fill})]
+
+    def _mean_tokens_without_index(self) -> tuple[float, str]:
+        """A lower bound of the samples per pack: each sample at the largest image plus the
+        longest text."""
+        d = self.cfg.data
+        return d.max_pixels // (14 * 14) // 4 + 2 + d.max_text_tokens, "max_pixels"
+
+    def _phase_details(self) -> dict:
+        return {"max_pixels": self.cfg.data.max_pixels}
 
     # --- model -------------------------------------------------------------------------------------
 
@@ -359,8 +374,8 @@ class AlignStage:
         from megatron_finevit.models.llm.packing import thd_packed_seq_params
 
         device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-        images = None
-        if self.module.pre_process:
+        images = None  # also for a pack of text-only conversations (SFT)
+        if self.module.pre_process and batch.images is not None:
             images = dataclasses.replace(batch.images, patches=batch.images.patches.to(device))
         labels = batch.labels.masked_fill(batch.labels == IGNORE_INDEX, 0)
         params = thd_packed_seq_params(batch.cu_seqlens.to(device))
@@ -399,7 +414,7 @@ class AlignStage:
 
         bounds = batch.cu_seqlens.tolist()[: batch.num_samples + 1]
         lengths = [b - a for a, b in zip(bounds, bounds[1:])]
-        patches = batch.images.image_lengths
+        patches = batch.images.image_lengths if batch.images is not None else []
         placeholders = sum(patches) // 4
         flops = vlm_flops(self.vl, patches, lengths, vit_trainable=self.trainable["vit"],
                           llm_trainable=self.trainable["llm"],
