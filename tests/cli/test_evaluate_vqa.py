@@ -1,5 +1,7 @@
 """``python -m megatron_finevit.evaluate --task vqa`` as a user runs it: on a checkpoint that is
-not an SFT run it exits 2 with one clear line and no traceback; the VQA table's layout."""
+not an SFT run it exits 2 with one clear line and no traceback; on a tiny SFT checkpoint it prints
+the VQA table and writes the dict the trainer's own evaluation gives for the saved weights (the
+run's config, e.g. eval_max_new_tokens, read from the checkpoint); the table's layout."""
 
 from conftest import error_lines, run_cli
 
@@ -30,3 +32,51 @@ def test_vqa_table_puts_each_kind_beside_its_baseline():
         "count                            4    25.0%     25.0%",
         "all                              8    50.0%     25.0%",
         "(baseline: the most frequent answer of each kind; 1 samples skipped)"]
+
+
+def train_world(rank, world_size, assets, ckpt_dir):
+    """Two SFT steps from random weights on the VQA train split, saved; the trainer's own VQA
+    evaluation of the saved weights."""
+    from megatron_finevit.testing.stage_assets import tiny_sft_run
+    from megatron_finevit.training.trainer import Trainer
+
+    cfg = tiny_sft_run(assets, 2, allow_random_init=True, eval_data_dir=assets["eval"],
+                       eval_max_new_tokens=4)
+    cfg.checkpoint.dir = ckpt_dir
+    trainer = Trainer(cfg)
+    trainer.train()
+    return trainer.evaluate()
+
+
+def test_vqa_task_on_a_tiny_sft_checkpoint(tmp_path):
+    import json
+
+    from megatron_finevit.data.index import build_index
+    from megatron_finevit.data.synthetic import make_synthetic_shards
+    from megatron_finevit.data.synthetic_vqa import write_vqa_shards
+    from megatron_finevit.testing.multirank import run_world
+
+    assets = {}
+    for split, images, seed in (("train", 16, 0), ("eval", 6, 1)):
+        make_synthetic_shards(tmp_path / f"src_{split}", images, seed=seed, progress=False)
+        write_vqa_shards(tmp_path / f"src_{split}", tmp_path / split, split, progress=False)
+        build_index(tmp_path / split, progress=False)
+        assets[split] = str(tmp_path / split)
+    assets["sft"] = assets["train"]
+    (in_training,) = run_world(train_world, 1, args=(assets, str(tmp_path / "ckpt")))
+
+    proc = run_cli("-m", "megatron_finevit.evaluate", "--checkpoint", str(tmp_path / "ckpt"),
+                   "--data", assets["eval"], "--task", "vqa", "--json", str(tmp_path / "vqa.json"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "vqa.json").read_text())
+    assert results == in_training  # the checkpoint's weights, evaluated as the trainer does
+    assert {"vqa_acc_count", "vqa_acc_color", "vqa_acc_read"} <= set(results)
+    assert "held-out VQA (exact match)" in proc.stdout
+    assert f"all{int(results['vqa_n']):31d}" in proc.stdout
+
+    wrong = run_cli("-m", "megatron_finevit.evaluate", "--checkpoint", str(tmp_path / "ckpt"),
+                    "--data", assets["eval"], "--task", "align")
+    assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
+    assert error_lines(wrong.stderr) == [
+        "config error: --task align does not apply to a sft run: give a Stage III (align) "
+        "checkpoint or --config"]
