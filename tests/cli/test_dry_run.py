@@ -44,14 +44,16 @@ def expected_phases(raw: dict) -> list[tuple[int, int]]:
 
 def pack_budget(raw: dict) -> tuple[int, float, list[float]]:
     """(tokens per pack, fill, mean tokens per sample of each resolution phase) a config states:
-    FineViT packs count ViT tokens; Stage III packs count LLM tokens (image placeholders + text,
-    one resolution phase)."""
+    FineViT packs count ViT tokens; Stage III and SFT packs count LLM tokens (image placeholders
+    + text, one resolution phase)."""
     from megatron_finevit.training.stages.align import AlignDataSection
+    from megatron_finevit.training.stages.sft import SFTDataSection
     from megatron_finevit.training.stages.vision import DataSection
 
     data = raw["stage_config"]["data"]
-    if raw["stage"] == "align":
-        return (data["llm_tokens"], data.get("min_fill", AlignDataSection().min_fill),
+    if raw["stage"] in ("align", "sft"):
+        section = AlignDataSection if raw["stage"] == "align" else SFTDataSection
+        return (data["llm_tokens"], data.get("min_fill", section().min_fill),
                 [data["mean_llm_tokens_per_sample"]])
     return (data["pack_tokens"], data.get("min_fill", DataSection().min_fill),
             data["mean_tokens_per_sample"])
