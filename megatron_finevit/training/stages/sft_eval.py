@@ -75,9 +75,9 @@ def evaluate_vqa(stage, model_chunks: list, data_dir: str,
         shares = [None] * ps.get_data_parallel_world_size()
         dist.all_gather_object(shares, local, group=ps.get_data_parallel_group())
     answers = [answer for share, _ in shares for answer in share]
-    kinds, predictions, truths = (list(column) for column in zip(*answers)) if answers else ([],) * 3
-    results = {f"vqa_{key}": float(value)
-               for key, value in vqa_metrics(kinds, predictions, truths).items()}
+    scores = vqa_metrics([kind for kind, _, _ in answers], [text for _, text, _ in answers],
+                         [truth for _, _, truth in answers])
+    results = {f"vqa_{key}": float(value) for key, value in scores.items()}
     results["vqa_skipped"] = float(sum(count for _, count in shares))
     return results
 
