@@ -5,12 +5,13 @@
 Each tower keeps its own layer-spec keys (``vit.spec_backend`` / ``llm.spec_backend``, ``fp8``,
 ``fp8_recipe``: FP8 only with ``te``), validated by the tower and reported under its name.
 
-Parallel layout (as megatron's LLaVA): tensor and sequence parallelism apply to both towers; the
-language model is split into pipeline stages while the encoder and projector live whole on the
-first stage (its output feeds the LM's first layer), so the encoder's ``TransformerConfig`` is
-built with one pipeline stage. ``first_stage_llm_layers`` gives the first stage fewer LM layers
-than the others (megatron's uneven split) so that it is not the bottleneck: the remaining layers
-split evenly over the other stages.
+Parallel layout: tensor and sequence parallelism apply to both towers (as megatron's LLaVA), and
+so does context parallelism (the encoder splits the pack's patches over the CP group, the LM its
+tokens: ``models.vlm``); the language model is split into pipeline stages while the encoder
+and projector live whole on the first stage (its output feeds the LM's first layer), so the
+encoder's ``TransformerConfig`` is built with one pipeline stage. ``first_stage_llm_layers``
+gives the first stage fewer LM layers than the others (megatron's uneven split) so that it is not
+the bottleneck: the remaining layers split evenly over the other stages.
 """
 
 from __future__ import annotations
@@ -55,18 +56,20 @@ class FineViTVLConfig:
         """The deeper stack's depth (mappings carry their own layer count)."""
         return max(self.vit.num_layers, self.llm.num_layers)
 
-    def validate(self, tensor_parallel: int = 1, pipeline_parallel: int = 1) -> None:
+    def validate(self, tensor_parallel: int = 1, pipeline_parallel: int = 1,
+                 context_parallel: int = 1) -> None:
         """Raise ValueError listing every problem of ``problems``; then a ``te`` tower on a
         machine without TransformerEngine raises ``BackendUnavailable``."""
         from megatron_finevit.config.common import require_spec_backend
 
-        problems = self.problems(tensor_parallel, pipeline_parallel)
+        problems = self.problems(tensor_parallel, pipeline_parallel, context_parallel)
         if problems:
             raise ValueError("invalid FineViT-VL config: " + "; ".join(problems))
         for tower in (self.vit, self.llm):
             require_spec_backend(tower)
 
-    def problems(self, tensor_parallel: int = 1, pipeline_parallel: int = 1) -> list[str]:
+    def problems(self, tensor_parallel: int = 1, pipeline_parallel: int = 1,
+                 context_parallel: int = 1) -> list[str]:
         """One line per problem: both towers must split over ``tensor_parallel`` ranks and the
         language model over ``pipeline_parallel`` stages (the encoder is not pipelined)."""
         problems = []
@@ -80,7 +83,8 @@ class FineViTVLConfig:
                     f"model's {self.llm.num_layers} layers")
         llm_pp = 1 if uneven else pipeline_parallel
         for name, tower, pp in (("encoder", self.vit, 1), ("language model", self.llm, llm_pp)):
-            problems += [f"{name}: {problem}" for problem in tower.problems(tensor_parallel, pp)]
+            problems += [f"{name}: {problem}"
+                         for problem in tower.problems(tensor_parallel, pp, context_parallel)]
         if self.vit.merge_size != 2:
             problems.append(f"merge_size={self.vit.merge_size}: the projector merges 2x2 windows")
         if not 0 <= self.image_token_id < self.llm.vocab_size:
@@ -90,20 +94,22 @@ class FineViTVLConfig:
 
     def to_transformer_configs(self, tensor_parallel: int = 1, pipeline_parallel: int = 1,
                                sequence_parallel: bool = False,
-                               params_dtype: torch.dtype = torch.float32, **overrides):
+                               params_dtype: torch.dtype = torch.float32,
+                               context_parallel: int = 1, **overrides):
         """``(encoder TransformerConfig, language-model TransformerConfig)`` at this layout; the
-        encoder's has one pipeline stage (see the module docstring)."""
-        self.validate(tensor_parallel, pipeline_parallel)
-        vit = self.vit.to_transformer_config(tensor_parallel, 1, 1, sequence_parallel,
-                                             params_dtype, **overrides)
+        encoder's has one pipeline stage, both towers ``context_parallel`` (see the module
+        docstring)."""
+        self.validate(tensor_parallel, pipeline_parallel, context_parallel)
+        vit = self.vit.to_transformer_config(tensor_parallel, 1, context_parallel,
+                                             sequence_parallel, params_dtype, **overrides)
         llm_pp, llm_overrides = pipeline_parallel, dict(overrides)
         if self._uneven(pipeline_parallel):
             # Qwen3Config checks an even split; the uneven one was checked above
             llm_pp = 1
             llm_overrides.update(pipeline_model_parallel_size=pipeline_parallel,
                                  num_layers_in_first_pipeline_stage=self.first_stage_llm_layers)
-        llm = self.llm.to_transformer_config(tensor_parallel, llm_pp, 1, sequence_parallel,
-                                             params_dtype, **llm_overrides)
+        llm = self.llm.to_transformer_config(tensor_parallel, llm_pp, context_parallel,
+                                             sequence_parallel, params_dtype, **llm_overrides)
         return vit, llm
 
     def _uneven(self, pipeline_parallel: int) -> bool:

@@ -66,7 +66,8 @@ def build_model(config, layout: Layout, perform_initialization: bool = True):
                   num_query_groups=config.llm.num_query_groups, num_layers=config.llm.num_layers)
     set_seed(SEED)
     vit_tc, llm_tc = config.to_transformer_configs(
-        layout.tp, layout.pp, layout.sp, perform_initialization=perform_initialization)
+        layout.tp, layout.pp, layout.sp, context_parallel=layout.cp,
+        perform_initialization=perform_initialization)
     return FineViTVLModel(config, vit_tc, llm_tc)
 
 
@@ -142,20 +143,7 @@ def layouts_world(rank: int, world_size: int, mcore_dir: str, layouts: list[Layo
         perturb_norms(model)
         save_checkpoint(model, export_dirs[name])
         exported[name] = vl_logits(model, export_config)
-    return {"loaded": loaded, "exported": exported, "cp2_error": _cp_refusal(export_config)}
-
-
-def _cp_refusal(config) -> str:
-    """The error building FineViT-VL in a context-parallel world gives (2 ranks)."""
-    from megatron_finevit.models.vlm import FineViTVLModel
-    from megatron_finevit.platform import ParallelConfig, init_parallel
-
-    init_parallel(ParallelConfig(context_parallel=2))
-    try:
-        FineViTVLModel(config, *config.to_transformer_configs())
-    except ValueError as exc:
-        return str(exc)
-    return ""
+    return {"loaded": loaded, "exported": exported}
 
 
 # --- samples, alone or packed ------------------------------------------------------------------
@@ -235,14 +223,27 @@ def train_microbatches(config) -> list[dict]:
             for index, sizes in enumerate(TRAIN_IMAGES)]
 
 
-def packed_train_microbatches(config) -> list[dict]:
+def pad_sample(sample: dict, multiple: int) -> dict:
+    """``sample`` with its tokens padded to a multiple of ``multiple`` (a non-image id, no loss),
+    as the loader pads each sample for context parallelism (segments of ``2·cp`` tokens)."""
+    pad = -len(sample["ids"]) % multiple
+    return {**sample,
+            "ids": torch.cat([sample["ids"], torch.full((pad,), IMAGE_TOKEN_ID + 1)]),
+            "labels": torch.cat([sample["labels"], torch.zeros(pad, dtype=torch.long)]),
+            "loss_mask": torch.cat([sample["loss_mask"], torch.zeros(pad)])}
+
+
+def packed_train_microbatches(config, segment_multiple: int = 1) -> list[dict]:
     """``TRAIN_PACKS`` as two ``[1, 32]`` THD packs (samples of 9-14 tokens, padded tails; image
-    patches padded to 52 rows)."""
+    patches padded to 52 rows). ``segment_multiple`` > 1 (context parallelism): every sample
+    padded to a multiple of it (``pad_sample``) in packs of ``32 + 2·segment_multiple``."""
+    budget = TRAIN_PACK_BUDGET + (2 * segment_multiple if segment_multiple > 1 else 0)
     batches = []
     for index, pack in enumerate(TRAIN_PACKS):
         generator = torch.Generator().manual_seed(SEED + 100 + index)
-        samples = [vl_sample(config, sizes, length, generator) for sizes, length in pack]
-        batches.append(packed_batch(config, samples, TRAIN_PACK_BUDGET, seed=SEED + index,
+        samples = [pad_sample(vl_sample(config, sizes, length, generator), segment_multiple)
+                   for sizes, length in pack]
+        batches.append(packed_batch(config, samples, budget, seed=SEED + index,
                                     image_budget=TRAIN_PACK_IMAGE_BUDGET))
     return batches
 
@@ -261,12 +262,12 @@ def _train_forward_step(data_iterator, model):
 
 
 def train_one_step(config, layout: Layout, ckpt_dir: str, save: bool,
-                   packed: bool = False) -> tuple:
+                   packed: bool = False, segment_multiple: int = 1) -> tuple:
     """This rank's FineViT-VL (DDP-wrapped) at ``layout`` with the weights in ``ckpt_dir``
     (``save``: random ones with perturbed norms, written there first), one Adam step (lr 1,
     eps 1, as ``gpt_parity``) over ``train_microbatches`` (``packed``:
-    ``packed_train_microbatches``). Returns (model, loss on the last stage else None, grad norm,
-    {name: grad})."""
+    ``packed_train_microbatches(config, segment_multiple)``). Returns (model, loss on the last
+    stage else None, grad norm, {name: grad})."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from megatron_finevit.testing.gpt_parity import make_optimizer, train_step
@@ -281,7 +282,8 @@ def train_one_step(config, layout: Layout, ckpt_dir: str, save: bool,
     model = DistributedDataParallel(model.config,
                                     DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
     optimizer = make_optimizer(model, distributed_optimizer=False, lr=1.0, adam_eps=1.0)
-    batches = packed_train_microbatches(config) if packed else train_microbatches(config)
+    batches = (packed_train_microbatches(config, segment_multiple) if packed
+               else train_microbatches(config))
     loss, grad_norm, grads = train_step(model, optimizer, iter(batches), len(batches),
                                         batches[0]["ids"].shape[1], 1,
                                         forward_step_func=_train_forward_step, loss_key="loss")
@@ -289,19 +291,21 @@ def train_one_step(config, layout: Layout, ckpt_dir: str, save: bool,
 
 
 def train_oracle_world(rank: int, world_size: int, config, ckpt_dir: str,
-                       packed: bool = False) -> dict:
+                       packed: bool = False, segment_multiple: int = 1) -> dict:
     """One rank: the oracle step; its initial weights go to ``ckpt_dir``."""
     assert world_size == 1
     model, loss, grad_norm, grads = train_one_step(config, Layout(), ckpt_dir, save=True,
-                                                   packed=packed)
+                                                   packed=packed,
+                                                   segment_multiple=segment_multiple)
     weights = {n: p.detach().clone() for n, p in model.module.named_parameters()}
     return {"loss": loss, "grad_norm": grad_norm, "grads": grads, "weights": weights}
 
 
 def train_layouts_world(rank: int, world_size: int, ckpt_dir: str, oracle: dict,
-                        runs: dict, packed: bool = False) -> dict:
+                        runs: dict, packed: bool = False, segment_multiple: int = 1) -> dict:
     """Each run (name -> (config, layout); configs may differ in their pipeline split only)
-    steps from the oracle's initial weights (on the oracle's micro-batches: ``packed`` or not):
+    steps from the oracle's initial weights (on the oracle's micro-batches: ``packed`` or not,
+    ``segment_multiple``):
     max abs differences of loss, grad norm, gradients and updated weights against the oracle's
     matching TP shards, by name."""
     from megatron.core import parallel_state
@@ -311,7 +315,8 @@ def train_layouts_world(rank: int, world_size: int, ckpt_dir: str, oracle: dict,
     report = {}
     for run_name, (config, layout) in runs.items():
         model, loss, grad_norm, grads = train_one_step(config, layout, ckpt_dir, save=False,
-                                                       packed=packed)
+                                                       packed=packed,
+                                                       segment_multiple=segment_multiple)
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
         report[run_name] = step_diffs(model.module, loss, grad_norm, grads, oracle, layout.tp,
                                       tp_rank, oracle_name=_tied_output_as_embedding(oracle))

@@ -143,11 +143,6 @@ def test_presets_are_the_paper_encoder_with_the_ablation_llms():
         vl_preset("finevit_vl_70b")
 
 
-def test_context_parallel_is_refused(converted):
-    for rank in converted["ranks"]:
-        assert "FineViT-VL has no context parallelism" in rank["cp2_error"]
-
-
 def test_layout_errors_name_the_tower():
     config = replace(EXPORT_CONFIG, llm=replace(EXPORT_CONFIG.llm, num_layers=3))
     with pytest.raises(ValueError, match="language model: .*pipeline_parallel=2 does not divide "

@@ -87,21 +87,32 @@ def image_llm_tokens(image: torch.Tensor, patch_size: int = 14) -> int:
 
 
 def pack_multimodal(samples: Sequence[MultimodalSample], llm_tokens: int, vit_tokens: int,
-                    pad_id: int, kinds: Sequence[str]) -> MultimodalBatch:
+                    pad_id: int, kinds: Sequence[str],
+                    segment_multiple: int = 1) -> MultimodalBatch:
     """Lay ``samples`` out in one ``MultimodalBatch`` (see its docstring for shapes).
 
-    Raises ValueError if the samples overflow either budget or a conversation's placeholders do
-    not match its images' merge windows.
+    ``segment_multiple``: every sample's LLM segment is padded to a multiple of it (``pad_id``,
+    no label, positions running on) — ``2·cp`` under context parallelism, which cuts every
+    segment in ``2·cp`` chunks (``models.attention.context_parallel``); ``llm_tokens`` must be a
+    multiple of it, so the padding tail is too. Padding at a sample's end changes none of its
+    losses: attention within it is causal.
+
+    Raises ValueError if the samples (padded) overflow either budget or a conversation's
+    placeholders do not match its images' merge windows.
     """
     if not samples:
         raise ValueError("a pack needs at least one sample")
+    if segment_multiple < 1 or llm_tokens % segment_multiple:
+        raise ValueError(f"llm_tokens={llm_tokens} must be a multiple of "
+                         f"segment_multiple={segment_multiple}")
     kinds = tuple(kinds)
     for sample in samples:
         windows = sum(image_llm_tokens(image) for image in sample.images)
         if sample.conversation.num_image_tokens != windows:
             raise ValueError(f"sample {sample.key}: {sample.conversation.num_image_tokens} "
                              f"image placeholders for images of {windows} merge windows")
-    layout = pack_layout([len(s.conversation) for s in samples], llm_tokens)
+    layout = pack_layout([-(-len(s.conversation) // segment_multiple) * segment_multiple
+                          for s in samples], llm_tokens)
     all_images = [image for s in samples for image in s.images]
     images = pack_images(all_images) if all_images else None
     if images is not None and len(images.patches) > vit_tokens:

@@ -71,6 +71,9 @@ class RegionQAConfig:
     mixture: task-kind weights.
     policy: resize policy (Stage III: images within 1000×1000).
     seed, buffer_size, min_fill: the packing sampler's (``PackedBatchSampler``).
+    segment_multiple: every sample padded to a multiple of this many LLM tokens (2·cp under
+        context parallelism; ``pack_multimodal``): allowances are rounded up to it, so the
+        padded samples still fit the budget.
     """
 
     llm_tokens: int = 4096
@@ -83,11 +86,16 @@ class RegionQAConfig:
     seed: int = 0
     buffer_size: int = 512
     min_fill: float = 0.9
+    segment_multiple: int = 1
 
     def __post_init__(self):
-        for name in ("llm_tokens", "vit_tokens", "max_text_tokens", "max_turns", "buffer_size"):
+        for name in ("llm_tokens", "vit_tokens", "max_text_tokens", "max_turns", "buffer_size",
+                     "segment_multiple"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.llm_tokens % self.segment_multiple:
+            raise ValueError(f"llm_tokens={self.llm_tokens} must be a multiple of "
+                             f"segment_multiple={self.segment_multiple}")
         BoxCodec(self.box_coords)  # validates the name
 
 
@@ -111,7 +119,8 @@ def llm_allowances(index: SampleIndex, patches: np.ndarray, config: RegionQAConf
     estimate = (turns * turn_overhead + index.caption_tokens + index.region_tokens
                 + index.ocr_tokens + (index.num_regions + index.num_ocr) * box_tokens)
     text = np.clip(estimate.astype(np.int64), 1, config.max_text_tokens)
-    return patches // MERGE_WINDOW + _VISION_MARKERS + text
+    allowance = patches // MERGE_WINDOW + _VISION_MARKERS + text
+    return -(-allowance // config.segment_multiple) * config.segment_multiple
 
 
 class RegionQALoader:
@@ -182,7 +191,8 @@ class RegionQALoader:
         if not samples:
             return None
         batch = pack_multimodal(samples, self.config.llm_tokens, self.config.vit_tokens,
-                                self.template.pad_id, TASK_KINDS)
+                                self.template.pad_id, TASK_KINDS,
+                                segment_multiple=self.config.segment_multiple)
         batch.skipped = self.skipped
         return batch
 

@@ -125,12 +125,16 @@ def merge_cp_partitions(parts: Sequence[torch.Tensor],
 
 
 class _AllGatherFirstDim(torch.autograd.Function):
-    """All-gather along dim 0 in rank order; backward reduce-scatters the gradient, so every
-    rank gets the sum of all ranks' gradients for the rows it contributed."""
+    """All-gather along dim 0 in rank order. Backward, ``reduce_grad``: reduce-scatter, so every
+    rank gets the sum of all ranks' gradients for the rows it contributed (each rank computes
+    something different from the gathered tensor: attention of its own queries); else every rank
+    keeps its own rows of its gradient (each rank computes the same thing from the gathered
+    tensor, so its gradient is already the whole one: megatron's ``tensor_parallel_output_grad=
+    False``)."""
 
     @staticmethod
-    def forward(ctx, local: torch.Tensor, group) -> torch.Tensor:
-        ctx.group = group
+    def forward(ctx, local: torch.Tensor, group, reduce_grad: bool) -> torch.Tensor:
+        ctx.group, ctx.reduce_grad = group, reduce_grad
         size = dist.get_world_size(group)
         out = local.new_empty((size * local.shape[0], *local.shape[1:]))
         _all_gather_single(out, local.contiguous(), group=group)
@@ -138,23 +142,32 @@ class _AllGatherFirstDim(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        size = dist.get_world_size(ctx.group)
-        out = grad.new_empty((grad.shape[0] // size, *grad.shape[1:]))
+        rows = grad.shape[0] // dist.get_world_size(ctx.group)
+        if not ctx.reduce_grad:
+            start = dist.get_rank(ctx.group) * rows
+            return grad[start:start + rows].contiguous(), None, None
+        out = grad.new_empty((rows, *grad.shape[1:]))
         _reduce_scatter_single(out, grad.contiguous(), group=ctx.group)
-        return out, None
+        return out, None, None
 
 
-def all_gather_cp(local: torch.Tensor, group) -> torch.Tensor:
-    """Differentiable all-gather along dim 0: ``[t, ...] -> [cp · t, ...]`` in rank order."""
-    return _AllGatherFirstDim.apply(local, group)
+def all_gather_cp(local: torch.Tensor, group, reduce_grad: bool = True) -> torch.Tensor:
+    """Differentiable all-gather along dim 0: ``[t, ...] -> [cp · t, ...]`` in rank order
+    (``reduce_grad``: see ``_AllGatherFirstDim``)."""
+    return _AllGatherFirstDim.apply(local, group, reduce_grad)
 
 
 def gather_from_cp(local: torch.Tensor, cu_seqlens: torch.Tensor | Sequence[int],
-                   group) -> torch.Tensor:
+                   group, reduce_grad: bool = True) -> torch.Tensor:
     """The full pack from every rank's local tokens (differentiable): ``[T / cp, ...] -> [T, ...]``
-    in global token order. ``cu_seqlens`` are the global (padded) boundaries."""
+    in global token order. ``cu_seqlens`` are the global (padded) boundaries.
+
+    ``reduce_grad=True`` (K/V for attention, an encoder's output feeding different work on each
+    rank): the backward sums every rank's gradient for this rank's rows. ``False`` (a per-token
+    loss whose reduction runs identically on every rank): the backward keeps this rank's rows of
+    its own gradient."""
     cp_size = dist.get_world_size(group) if group is not None else 1
     if cp_size == 1:
         return local
-    gathered = all_gather_cp(local, group)
+    gathered = all_gather_cp(local, group, reduce_grad)
     return gathered.index_select(0, _rank_major_to_global(cu_seqlens, cp_size, gathered.device))

@@ -15,6 +15,8 @@ from typing import Sequence
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
+from megatron_finevit.models.attention.context_parallel import check_cp_divisible
+
 
 def thd_packed_seq_params(cu_seqlens: torch.Tensor | Sequence[int]) -> PackedSeqParams:
     """Self-attention ``PackedSeqParams`` for segments ending at ``cu_seqlens`` (int32
@@ -39,17 +41,22 @@ def segment_positions(cu_seqlens: torch.Tensor | Sequence[int]) -> torch.Tensor:
 
 
 def check_packed_input(input_ids: torch.Tensor | None, position_ids: torch.Tensor | None,
-                       params: PackedSeqParams, sequence_multiple: int = 1) -> None:
+                       params: PackedSeqParams, sequence_multiple: int = 1,
+                       context_parallel: int = 1) -> None:
     """Raise ValueError unless ``input_ids`` / ``position_ids`` ``[1, T]`` form one THD pack of
-    ``params`` (``T = cu_seqlens[-1]``, a multiple of ``sequence_multiple`` — TP under sequence
-    parallelism, which splits the pack's tokens evenly — and positions restarting per segment).
+    ``params`` (``T = cu_seqlens[-1]``; ``T / context_parallel`` a multiple of
+    ``sequence_multiple`` — TP under sequence parallelism, which splits each CP rank's tokens
+    evenly; under context parallelism every segment a multiple of ``2·context_parallel``, the
+    zigzag split of ``models.attention.context_parallel``; positions restarting per segment).
     Either tensor may be None (pipeline stages that do not read it)."""
     if params.qkv_format != "thd":
         raise ValueError(f"packed input needs qkv_format 'thd', got {params.qkv_format!r}")
+    check_cp_divisible(params.cu_seqlens_q.cpu(), context_parallel)
     total = int(params.cu_seqlens_q[-1])
-    if total % sequence_multiple:
+    if total % (sequence_multiple * context_parallel):
         raise ValueError(f"a pack of {total} tokens does not split over {sequence_multiple} "
-                         f"sequence-parallel ranks: make the token budget a multiple of TP")
+                         f"sequence-parallel ranks (x {context_parallel} context-parallel): make "
+                         f"the token budget a multiple of {sequence_multiple * context_parallel}")
     for name, tensor in (("input_ids", input_ids), ("position_ids", position_ids)):
         if tensor is not None and tuple(tensor.shape) != (1, total):
             raise ValueError(f"packed {name} must be [1, {total}] (cu_seqlens end at {total}), "

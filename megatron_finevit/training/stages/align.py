@@ -38,6 +38,7 @@ and MFU over ViT + projector + LLM FLOPs (``planning.flops.vlm_flops``).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -162,10 +163,8 @@ class AlignStage:
             self.vl = FineViTVLConfig(vit=vit, llm=llm, image_token_id=QWEN_IMAGE_PAD_ID,
                                       first_stage_llm_layers=cfg.first_stage_llm_layers)
             problems += [f"stage_config: {problem}"
-                         for problem in self.vl.problems(p.tensor_parallel, p.pipeline_parallel)]
-        if p.context_parallel != 1:
-            problems.append("parallel.context_parallel must be 1 for Stage III: FineViT-VL uses "
-                            "tensor, sequence, pipeline and data parallelism")
+                         for problem in self.vl.problems(p.tensor_parallel, p.pipeline_parallel,
+                                                         p.context_parallel)]
         d = cfg.data
         if not d.dir:
             problems.append("stage_config.data.dir must name an indexed shard directory")
@@ -174,6 +173,17 @@ class AlignStage:
             if getattr(d, key) % sp:
                 problems.append(f"stage_config.data.{key}={getattr(d, key)} must be a multiple of "
                                 f"tensor_parallel={sp} under sequence parallelism")
+        cp = p.context_parallel
+        # CP cuts every sample in 2·cp chunks (the loader pads each to a multiple of 2·cp) and
+        # each CP rank's llm_tokens / cp splits over TP under sequence parallelism
+        multiple = math.lcm(2 * cp, cp * sp)
+        if cp > 1 and d.llm_tokens % multiple:
+            problems.append(f"stage_config.data.llm_tokens={d.llm_tokens} must be a multiple of "
+                            f"{multiple} (2 x context_parallel={cp}, and context_parallel x "
+                            f"tensor_parallel under sequence parallelism)")
+        if cp > 1 and cfg.eval_data_dir:
+            problems.append("stage_config.eval_data_dir: held-out generation runs at "
+                            "context_parallel=1 (evaluate a checkpoint of this run there)")
         for module in MODULES:
             policy = cfg.policy(module)
             if policy.train_from is not None and policy.train_from < 0:
@@ -218,7 +228,8 @@ class AlignStage:
         p = self.run.parallel
         return self.vl.to_transformer_configs(
             tensor_parallel=p.tensor_parallel, pipeline_parallel=p.pipeline_parallel,
-            sequence_parallel=p.sequence_parallel, params_dtype=self.run.params_dtype())
+            sequence_parallel=p.sequence_parallel, params_dtype=self.run.params_dtype(),
+            context_parallel=p.context_parallel)
 
     def transformer_config(self):
         return self.transformer_configs()[1]
@@ -237,7 +248,13 @@ class AlignStage:
             llm_tokens=d.llm_tokens, vit_tokens=d.vit_tokens, max_text_tokens=d.max_text_tokens,
             max_turns=d.max_turns, box_coords=d.box_coords, mixture=self.mixture,
             policy=ResizePolicy(min_pixels=d.min_pixels, max_pixels=d.max_pixels),
-            seed=self.run.seed, buffer_size=d.buffer_size, min_fill=d.min_fill)
+            seed=self.run.seed, buffer_size=d.buffer_size, min_fill=d.min_fill,
+            segment_multiple=self._segment_multiple())
+
+    def _segment_multiple(self) -> int:
+        """LLM tokens every sample is padded to a multiple of: 2·cp, the zigzag CP split."""
+        cp = self.run.parallel.context_parallel
+        return 2 * cp if cp > 1 else 1
 
     @property
     def template(self):
