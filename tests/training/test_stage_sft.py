@@ -3,14 +3,17 @@ text only, a ``<think>`` answer, multi-turn).
 
 * Start: from a Stage III trainer checkpoint (``checkpoint.load_dir``) every weight of the
   FineViT-VL equals that checkpoint's, tensor by tensor.
-* Layouts: three steps at DP2 (distributed optimiser), TP2 + SP and PP2 give the single-rank
-  losses (DP2 against one rank accumulating both ranks' packs); packs of text-only samples have
-  no ViT side on any layout.
+* Layouts: three steps at DP2 (distributed optimiser), TP2 + SP, PP2 and CP2 give the single-rank
+  losses (DP2 against one rank accumulating both ranks' packs; CP2 against one rank on the same
+  packs, every conversation padded to 2·cp tokens); packs of text-only samples have no ViT side on
+  any layout.
 * Resume: stopped after 2 of 4 steps and resumed gives the uninterrupted losses bit for bit.
 * Per-kind losses are logged; config errors (no weight source, an unknown phase) are listed.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -22,7 +25,8 @@ from megatron_finevit.testing.stage_assets import (Interleaved, make_align_asset
 STEPS = 3
 RESUME_STEPS, STOP = 4, 2
 LAYOUTS = {"dp2": dict(), "tp2_sp": dict(tp=2, sp=True),
-           "pp2": dict(pp=2, first_stage_llm_layers=1)}
+           "pp2": dict(pp=2, first_stage_llm_layers=1), "cp2": dict(cp=2)}
+ORACLES = {"dp2": "dp_oracle", "cp2": "cp_oracle"}
 
 
 def _config(assets, steps, load_dir, layout=None, **stage_config):
@@ -30,7 +34,9 @@ def _config(assets, steps, load_dir, layout=None, **stage_config):
     first = layout.pop("first_stage_llm_layers", None)
     if first is not None:
         stage_config["first_stage_llm_layers"] = first
+    cp = layout.pop("cp", 1)
     cfg = tiny_sft_run(assets, steps, **layout, **stage_config)
+    cfg.parallel.context_parallel = cp
     cfg.checkpoint.load_dir = load_dir
     return cfg
 
@@ -41,6 +47,7 @@ def _metrics(trainer, steps):
 
 def single_rank_world(rank, world_size, assets, dirs):
     from megatron_finevit.convert.mcore_io import MegatronCheckpointReader
+    from megatron_finevit.data.tasks.conversation_loader import ConversationLoader
     from megatron_finevit.training.checkpointing import latest_checkpoint
     from megatron_finevit.training.trainer import Trainer
 
@@ -67,6 +74,12 @@ def single_rank_world(rank, world_size, assets, dirs):
     trainer = Trainer(_config(assets, STEPS, dirs["stage3"], global_batch=2))
     trainer.data = Interleaved([trainer.stage._loader(assets["sft"], r, 2) for r in range(2)])
     out["dp_oracle"] = [m.get("loss") for m in _metrics(trainer, STEPS)]
+    trainer = Trainer(_config(assets, STEPS, dirs["stage3"]))
+    stage = trainer.stage
+    trainer.data = ConversationLoader(assets["sft"], dataclasses.replace(
+        stage.data_config, segment_multiple=4), stage.template.tokenizer, use_draft=True,
+        norm=stage.norm)  # CP2's packs: every conversation padded to 2·cp = 4 tokens
+    out["cp_oracle"] = [m.get("loss") for m in _metrics(trainer, STEPS)]
     out["pack_kinds"] = _pack_kinds(trainer.stage._loader(assets["sft"], 0, 1))
     loader = trainer.stage._loader(assets["sft"], 0, 1)  # what the DP1 layouts' steps read
     out["text_only_pack_in_steps"] = any(next(loader).images is None for _ in range(2 * STEPS))
@@ -133,7 +146,7 @@ def test_per_kind_losses_and_text_only_packs(runs):
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_losses_equal_single_rank(runs, name):
     single, pair = runs
-    oracle = single["dp_oracle"] if name == "dp2" else single["single"]
+    oracle = single[ORACLES.get(name, "single")]
     assert len(set(oracle)) == STEPS
     holders = [r[name] for r in pair if r[name][0] is not None]
     assert len(holders) == (1 if name == "pp2" else 2)  # under PP only the last stage reports

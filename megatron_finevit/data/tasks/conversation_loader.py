@@ -71,7 +71,9 @@ class ConversationConfig:
 
     llm_tokens / vit_tokens: fixed LLM tokens and ViT patches per pack (paper: 4,096 in phase I,
     10,240 in phase II). policy: resize policy of every image. seed, buffer_size, min_fill: the
-    packing sampler's (``PackedBatchSampler``).
+    packing sampler's (``PackedBatchSampler``). segment_multiple: every conversation padded to a
+    multiple of this many LLM tokens (2·cp under context parallelism; ``pack_multimodal``) — its
+    size is rounded up alike, so padded conversations still fit.
     """
 
     llm_tokens: int = 4096
@@ -80,11 +82,15 @@ class ConversationConfig:
     seed: int = 0
     buffer_size: int = 512
     min_fill: float = 0.9
+    segment_multiple: int = 1
 
     def __post_init__(self):
-        for name in ("llm_tokens", "vit_tokens", "buffer_size"):
+        for name in ("llm_tokens", "vit_tokens", "buffer_size", "segment_multiple"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.llm_tokens % self.segment_multiple:
+            raise ValueError(f"llm_tokens={self.llm_tokens} must be a multiple of "
+                             f"segment_multiple={self.segment_multiple}")
 
 
 def conversation_kind(meta: dict) -> str:
@@ -172,8 +178,10 @@ class ConversationLoader:
                                                config.policy)
         budget = np.array([config.vit_tokens, config.llm_tokens])
         broken = np.array([bool(r) for r in reasons], dtype=bool)
-        oversize = (sizes > budget).any(axis=1) & ~broken
+        multiple = config.segment_multiple
         self.sizes = sizes.copy()
+        self.sizes[:, 1] = -(-self.sizes[:, 1] // multiple) * multiple
+        oversize = (self.sizes > budget).any(axis=1) & ~broken
         self.sizes[broken] = budget + 1  # the sampler leaves them out
         self._static_skips = Counter(r for r in reasons if r)
         self._static_skips["oversize"] = int(oversize.sum())
@@ -208,7 +216,8 @@ class ConversationLoader:
         if not samples:
             return None
         batch = pack_multimodal(samples, self.config.llm_tokens, self.config.vit_tokens,
-                                self.template.pad_id, CONVERSATION_KINDS)
+                                self.template.pad_id, CONVERSATION_KINDS,
+                                segment_multiple=self.config.segment_multiple)
         batch.skipped = self.skipped
         return batch
 

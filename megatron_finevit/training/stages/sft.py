@@ -100,7 +100,8 @@ class SFTStage(AlignStage):
         return ConversationConfig(
             llm_tokens=d.llm_tokens, vit_tokens=d.vit_tokens,
             policy=ResizePolicy(min_pixels=d.min_pixels, max_pixels=d.max_pixels),
-            seed=self.run.seed, buffer_size=d.buffer_size, min_fill=d.min_fill)
+            seed=self.run.seed, buffer_size=d.buffer_size, min_fill=d.min_fill,
+            segment_multiple=self._segment_multiple())
 
     def _loader(self, data_dir: str, dp_rank: int, dp_size: int):
         from megatron_finevit.data.tasks.conversation_loader import ConversationLoader

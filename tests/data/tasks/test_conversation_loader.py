@@ -202,3 +202,23 @@ def test_an_image_whose_size_disagrees_with_its_json_is_skipped(tmp_path, tokeni
     batches = list(loader.epoch())
     assert [k for b in batches for k in b.keys] == ["ok"]
     assert loader.skipped["size_mismatch"] == 1
+
+
+def test_context_parallel_padding_keeps_every_conversation_whole(shard_dir, tokenizer):
+    """segment_multiple=4 (CP2): every sample's segment is a multiple of 4 tokens, starting with
+    its own tokens; the padding after them is unlabelled."""
+    import dataclasses
+
+    expected = oracle(shard_dir, tokenizer)
+    config = dataclasses.replace(CONFIG, segment_multiple=4)
+    seen = 0
+    for batch in make_loader(shard_dir, tokenizer, config).epoch():
+        bounds = batch.cu_seqlens.tolist()
+        for i, key in enumerate(batch.keys):
+            ids, labels, _ = expected[key]
+            start, end = bounds[i], bounds[i + 1]
+            assert (end - start) % 4 == 0 and end - start - len(ids) < 4
+            assert torch.equal(batch.input_ids[start:start + len(ids)], ids)
+            assert (batch.labels[start + len(ids):end] == IGNORE_INDEX).all()
+            seen += 1
+    assert seen == len(USABLE)
