@@ -26,7 +26,7 @@ JSON (its placeholders would not match).
 Per-sample kinds (for ``loss_<kind>`` logs): ``text`` (no image), ``image``, ``multi_image``, and
 ``reasoning`` for any conversation whose answers hold a ``<think>`` block.
 
-Determinism and resume as ``RegionQALoader``: packs are the sampler's (DP-disjoint, seeded), a
+Determinism and resume (``pack_loader.MultimodalPackLoader``): packs are the sampler's (DP-disjoint, seeded), a
 sample's tokens depend on nothing else, and ``state_dict`` is the sampler's state plus the skip
 counts: a resumed loader yields exactly the batches the uninterrupted one yields next.
 """
@@ -38,28 +38,24 @@ import hashlib
 import json
 import logging
 import os
-import zlib
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from megatron_finevit.data.bad_samples import BadSampleCounter, BadSampleError
-from megatron_finevit.data.decode_pil import Normalization, decode_pil
-from megatron_finevit.data.index import SampleIndex, load_index
+from megatron_finevit.data.bad_samples import BadSampleError
+from megatron_finevit.data.decode_pil import decode_pil
+from megatron_finevit.data.index import SampleIndex
 from megatron_finevit.data.loader import SampleReader
-from megatron_finevit.data.packing import PackedBatchSampler
 from megatron_finevit.data.resize import STAGE_MAX_PIXELS, ResizePolicy
 from megatron_finevit.data.tasks.chat import Qwen3ChatTemplate
 from megatron_finevit.data.tasks.conversation import image_token_counts, messages_from_meta
-from megatron_finevit.data.tasks.multimodal import (MultimodalBatch, MultimodalSample,
-                                                    image_llm_tokens, pack_multimodal)
+from megatron_finevit.data.tasks.multimodal import MultimodalSample, image_llm_tokens
+from megatron_finevit.data.tasks.pack_loader import MultimodalPackLoader
 from megatron_finevit.data.tokenizers import QwenTokenizer
 
 log = logging.getLogger(__name__)
 
-_STATE_VERSION = 1
 _SIZES_DIR = "sft_sizes"
 _SIZES_VERSION = 1  # bump when the rendering changes what a conversation costs
 CONVERSATION_KINDS = ("text", "image", "multi_image", "reasoning")
@@ -151,77 +147,25 @@ def measure_conversations(index: SampleIndex, reader: SampleReader,
     return sizes, reasons
 
 
-class ConversationLoader:
-    """Infinite, resumable iterator of ``MultimodalBatch`` of SFT conversations for one DP rank.
+class ConversationLoader(MultimodalPackLoader):
+    """Infinite, resumable iterator of SFT ``MultimodalBatch`` for one data-parallel rank
+    (arguments: ``MultimodalPackLoader``'s, ``config`` a ``ConversationConfig``)."""
 
-    Args:
-        shard_dir: conversation shards + ``index.zarr`` + ``dali_index/``.
-        config: ``ConversationConfig``.
-        tokenizer: the Qwen tokenizer (default: ``QwenTokenizer.from_tiktoken()``).
-        dp_rank, dp_size: this rank's disjoint share.
-        use_draft, norm: as ``PackedImageLoader`` (``decode_pil``).
-        counter: shared bad-sample counter.
-    """
+    kinds = CONVERSATION_KINDS
+    dynamic_skips = ("size_mismatch",)
 
     def __init__(self, shard_dir, config: ConversationConfig = ConversationConfig(),
-                 tokenizer: QwenTokenizer | None = None, *, dp_rank: int = 0, dp_size: int = 1,
-                 use_draft: bool = False, norm: Normalization = Normalization(),
-                 counter: BadSampleCounter | None = None):
-        self.config = config
-        self.template = Qwen3ChatTemplate(tokenizer or QwenTokenizer.from_tiktoken())
-        self.index = load_index(shard_dir)
-        self.reader = SampleReader(self.index)
-        self.use_draft, self.norm = use_draft, norm
-        self.counter = counter if counter is not None else BadSampleCounter(name=str(shard_dir))
+                 tokenizer: QwenTokenizer | None = None, **kwargs):
+        super().__init__(shard_dir, config, tokenizer, **kwargs)
 
+    def _sample_sizes(self) -> tuple[np.ndarray, np.ndarray]:
         sizes, reasons = measure_conversations(self.index, self.reader, self.template,
-                                               config.policy)
-        budget = np.array([config.vit_tokens, config.llm_tokens])
-        broken = np.array([bool(r) for r in reasons], dtype=bool)
-        multiple = config.segment_multiple
-        self.sizes = sizes.copy()
-        self.sizes[:, 1] = -(-self.sizes[:, 1] // multiple) * multiple
-        oversize = (self.sizes > budget).any(axis=1) & ~broken
-        self.sizes[broken] = budget + 1  # the sampler leaves them out
-        self._static_skips = Counter(r for r in reasons if r)
-        self._static_skips["oversize"] = int(oversize.sum())
-        self.skips: Counter[str] = Counter()
-        self.sampler = PackedBatchSampler(
-            self.sizes, budget, buffer_size=config.buffer_size, seed=config.seed,
-            dp_rank=dp_rank, dp_size=dp_size, min_fill=config.min_fill)
+                                               self.config.policy)
+        multiple = self.config.segment_multiple
+        sizes[:, 1] = -(-sizes[:, 1] // multiple) * multiple
+        return sizes, np.asarray(reasons, dtype=str)
 
-    @property
-    def skipped(self) -> dict[str, int]:
-        """Samples left out so far, by reason (see the module docstring)."""
-        return {**self._static_skips, "size_mismatch": self.skips["size_mismatch"]}
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> MultimodalBatch:
-        while True:
-            batch = self._load(next(iter(self.sampler)))
-            if batch is not None:
-                return batch
-
-    def epoch(self):
-        """The batches of the rest of the current epoch (this rank's share once)."""
-        for pack in self.sampler:
-            batch = self._load(pack)
-            if batch is not None:
-                yield batch
-
-    def _load(self, pack: list[int]) -> MultimodalBatch | None:
-        samples = [s for s in (self._sample(i) for i in pack) if s is not None]
-        if not samples:
-            return None
-        batch = pack_multimodal(samples, self.config.llm_tokens, self.config.vit_tokens,
-                                self.template.pad_id, CONVERSATION_KINDS,
-                                segment_multiple=self.config.segment_multiple)
-        batch.skipped = self.skipped
-        return batch
-
-    def _sample(self, sample: int) -> MultimodalSample | None:
+    def _sample(self, sample: int, epoch: int) -> MultimodalSample | None:
         key = str(self.index.key[sample])
         try:
             encoded_images, meta = self.reader.read_images(sample)
@@ -240,25 +184,3 @@ class ConversationLoader:
         conversation = self.template.encode_messages(messages, image_tokens,
                                                      kind=conversation_kind(meta))
         return MultimodalSample(key, images, conversation)
-
-    # --- resume -------------------------------------------------------------------------------
-
-    def _sizes_checksum(self) -> int:
-        return zlib.crc32(self.sizes.astype("<i8").tobytes())
-
-    def state_dict(self) -> dict:
-        return {"version": _STATE_VERSION, "sampler": self.sampler.state_dict(),
-                "skips": dict(self.skips), "sizes_crc32": self._sizes_checksum()}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Resume; the per-sample sizes must be the saved run's (its packs were formed with
-        them)."""
-        if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"unsupported conversation loader state version "
-                             f"{state.get('version')}")
-        if state["sizes_crc32"] != self._sizes_checksum():
-            raise ValueError("the per-conversation pack sizes differ from the saved run's (data, "
-                             "policy, budgets or tokenizer changed): its packs would not fit; "
-                             "resume with the same data settings")
-        self.sampler.load_state_dict(state["sampler"])
-        self.skips = Counter({k: int(v) for k, v in state["skips"].items()})

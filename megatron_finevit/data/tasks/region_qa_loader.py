@@ -37,26 +37,22 @@ lists): a resumed loader yields exactly the batches the uninterrupted one yields
 from __future__ import annotations
 
 import dataclasses
-import zlib
-from collections import Counter
 
 import numpy as np
 
-from megatron_finevit.data.bad_samples import BadSampleCounter, BadSampleError
-from megatron_finevit.data.decode_pil import Normalization, decode_pil
-from megatron_finevit.data.index import SampleIndex, load_index
-from megatron_finevit.data.loader import SampleReader, policy_sizes
-from megatron_finevit.data.packing import PackedBatchSampler
+from megatron_finevit.data.bad_samples import BadSampleError
+from megatron_finevit.data.decode_pil import decode_pil
+from megatron_finevit.data.index import SampleIndex
+from megatron_finevit.data.loader import policy_sizes
 from megatron_finevit.data.resize import STAGE_MAX_PIXELS, ResizePolicy
 from megatron_finevit.data.tasks.boxes import RELATIVE, RELATIVE_SCALE, BoxCodec
 from megatron_finevit.data.tasks.chat import Qwen3ChatTemplate, Turn
-from megatron_finevit.data.tasks.multimodal import (MERGE_WINDOW, MultimodalBatch,
-                                                    MultimodalSample, image_llm_tokens,
-                                                    pack_multimodal)
+from megatron_finevit.data.tasks.multimodal import (MERGE_WINDOW, MultimodalSample,
+                                                    image_llm_tokens)
+from megatron_finevit.data.tasks.pack_loader import MultimodalPackLoader
 from megatron_finevit.data.tasks.region_qa import PARAPHRASES, TASK_KINDS, TaskMixture, draw_turns
 from megatron_finevit.data.tokenizers import QwenTokenizer
 
-_STATE_VERSION = 1
 _VISION_MARKERS = 2  # <|vision_start|>, <|vision_end|>
 
 
@@ -123,78 +119,26 @@ def llm_allowances(index: SampleIndex, patches: np.ndarray, config: RegionQAConf
     return -(-allowance // config.segment_multiple) * config.segment_multiple
 
 
-class RegionQALoader:
-    """Infinite, resumable iterator of ``MultimodalBatch`` for one data-parallel rank.
+class RegionQALoader(MultimodalPackLoader):
+    """Infinite, resumable iterator of region-QA ``MultimodalBatch`` for one data-parallel rank
+    (arguments: ``MultimodalPackLoader``'s, ``config`` a ``RegionQAConfig``)."""
 
-    Args:
-        shard_dir: shards + ``index.zarr`` + ``dali_index/`` (``tools/build_index.py``).
-        config: ``RegionQAConfig``.
-        tokenizer: the Qwen tokenizer (default: ``QwenTokenizer.from_tiktoken()``).
-        dp_rank, dp_size: this rank's disjoint share.
-        use_draft, norm: as ``PackedImageLoader`` (``decode_pil``).
-        counter: shared bad-sample counter.
-    """
+    kinds = TASK_KINDS
+    static_skips = ("resize_rejected",)
+    dynamic_skips = ("no_task", "no_turn_fits")
 
     def __init__(self, shard_dir, config: RegionQAConfig = RegionQAConfig(),
-                 tokenizer: QwenTokenizer | None = None, *, dp_rank: int = 0, dp_size: int = 1,
-                 use_draft: bool = False, norm: Normalization = Normalization(),
-                 counter: BadSampleCounter | None = None):
-        self.config = config
+                 tokenizer: QwenTokenizer | None = None, **kwargs):
         self.codec = BoxCodec(config.box_coords)
-        self.template = Qwen3ChatTemplate(tokenizer or QwenTokenizer.from_tiktoken())
-        self.index = load_index(shard_dir)
-        self.reader = SampleReader(self.index)
-        self.use_draft, self.norm = use_draft, norm
-        self.counter = counter if counter is not None else BadSampleCounter(name=str(shard_dir))
+        super().__init__(shard_dir, config, tokenizer, **kwargs)
 
+    def _sample_sizes(self) -> tuple[np.ndarray, np.ndarray]:
+        config = self.config
         patches = policy_sizes(self.index, config.policy, reject_size=0)
-        rejected = patches == 0
-        self.sizes = np.stack([patches, llm_allowances(
+        sizes = np.stack([patches, llm_allowances(
             self.index, patches, config, *turn_costs(self.template, self.codec, config.policy))],
             axis=1)
-        budget = np.array([config.vit_tokens, config.llm_tokens])
-        self.sizes[rejected] = budget + 1  # the sampler leaves them out
-        oversize = (self.sizes > budget).any(axis=1) & ~rejected
-        self._static_skips = {"resize_rejected": int(rejected.sum()),
-                              "oversize": int(oversize.sum())}
-        self.skips: Counter[str] = Counter()
-        self.sampler = PackedBatchSampler(
-            self.sizes, budget, buffer_size=config.buffer_size, seed=config.seed,
-            dp_rank=dp_rank, dp_size=dp_size, min_fill=config.min_fill)
-
-    @property
-    def skipped(self) -> dict[str, int]:
-        """Samples left out so far, by reason (see the module docstring)."""
-        return {**self._static_skips, "no_task": self.skips["no_task"],
-                "no_turn_fits": self.skips["no_turn_fits"]}
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> MultimodalBatch:
-        while True:
-            epoch = self.sampler.epoch  # before the draw: the last pack of an epoch rolls it
-            batch = self._load(next(iter(self.sampler)), epoch)
-            if batch is not None:
-                return batch
-
-    def epoch(self):
-        """The batches of the rest of the current epoch (this rank's share once)."""
-        epoch = self.sampler.epoch
-        for pack in self.sampler:
-            batch = self._load(pack, epoch)
-            if batch is not None:
-                yield batch
-
-    def _load(self, pack: list[int], epoch: int) -> MultimodalBatch | None:
-        samples = [s for s in (self._sample(i, epoch) for i in pack) if s is not None]
-        if not samples:
-            return None
-        batch = pack_multimodal(samples, self.config.llm_tokens, self.config.vit_tokens,
-                                self.template.pad_id, TASK_KINDS,
-                                segment_multiple=self.config.segment_multiple)
-        batch.skipped = self.skipped
-        return batch
+        return sizes, np.where(patches == 0, "resize_rejected", "")
 
     def _sample(self, sample: int, epoch: int) -> MultimodalSample | None:
         key = str(self.index.key[sample])
@@ -219,25 +163,3 @@ class RegionQALoader:
             self.skips["no_turn_fits"] += 1
             return None
         return MultimodalSample(key, [image], conversation)
-
-    # --- resume -------------------------------------------------------------------------------
-
-    def _sizes_checksum(self) -> int:
-        return zlib.crc32(self.sizes.astype("<i8").tobytes())
-
-    def state_dict(self) -> dict:
-        return {"version": _STATE_VERSION, "sampler": self.sampler.state_dict(),
-                "skips": dict(self.skips), "sizes_crc32": self._sizes_checksum()}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Resume; the mixture may change between runs (it only affects turns drawn later), the
-        per-sample sizes may not (the saved packs were formed with them)."""
-        if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"unsupported region-QA loader state version "
-                             f"{state.get('version')}")
-        if state["sizes_crc32"] != self._sizes_checksum():
-            raise ValueError("the per-sample pack sizes differ from the saved run's (index, "
-                             "policy, budgets, max_text_tokens or max_turns changed): its packs "
-                             "would not fit; resume with the same data settings")
-        self.sampler.load_state_dict(state["sampler"])
-        self.skips = Counter({k: int(v) for k, v in state["skips"].items()})
