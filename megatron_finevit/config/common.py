@@ -10,6 +10,11 @@ import torch
 SPEC_BACKENDS = ("local", "te")
 FP8_FORMATS = (None, "hybrid", "e4m3")
 FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
+RECOMPUTE_GRANULARITIES = (None, "full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
+# the model-config fields that pass straight to megatron's TransformerConfig: they choose what the
+# backward pass recomputes, never the weights (a checkpoint loads whatever they are)
+RECOMPUTE_FIELDS = ("recompute_granularity", "recompute_method", "recompute_num_layers")
 
 
 def transformer_config(*, tensor_parallel: int = 1, pipeline_parallel: int = 1,
@@ -98,6 +103,30 @@ def spec_backend_problems(config) -> list[str]:
     if config.fp8_recipe not in FP8_RECIPES:
         problems.append(f"fp8_recipe={config.fp8_recipe!r} must be one of {FP8_RECIPES}")
     return problems
+
+
+def recompute_problems(config) -> list[str]:
+    """Problems with a model config's activation recompute (megatron-core's, checked here so they
+    are listed with the rest of the config): ``recompute_granularity`` None (off), ``full`` (whole
+    layers; ``recompute_method`` ``uniform``: chunks of ``recompute_num_layers`` layers keep only
+    their input, ``block``: the first ``recompute_num_layers`` layers of each pipeline stage do) or
+    ``selective`` (core attention only, megatron's default module; no method or layer count)."""
+    granularity, method, layers = (getattr(config, name) for name in RECOMPUTE_FIELDS)
+    if granularity not in RECOMPUTE_GRANULARITIES:
+        return [f"recompute_granularity={granularity!r} must be one of {RECOMPUTE_GRANULARITIES}"]
+    if granularity == "full":
+        problems = []
+        if method not in RECOMPUTE_METHODS:
+            problems.append(f"recompute_granularity='full' needs recompute_method in "
+                            f"{RECOMPUTE_METHODS}; got {method!r}")
+        if not isinstance(layers, int) or layers < 1:
+            problems.append(f"recompute_granularity='full' needs recompute_num_layers >= 1; "
+                            f"got {layers!r}")
+        return problems
+    if method is not None or layers is not None:
+        return [f"recompute_method / recompute_num_layers ({method!r}, {layers!r}) need "
+                f"recompute_granularity='full' (got {granularity!r})"]
+    return []
 
 
 def require_spec_backend(config) -> None:

@@ -23,9 +23,11 @@ from dataclasses import dataclass, replace
 import torch
 
 from megatron_finevit.config.common import (
+    RECOMPUTE_FIELDS,
     DictConfig,
     indivisible_by,
     nonpositive_fields,
+    recompute_problems,
     require_spec_backend,
     round_up,
     spec_backend_problems,
@@ -63,6 +65,11 @@ class Qwen3Config(DictConfig):
     spec_backend: str = "local"          # "local" (torch; CPU) or "te" (TransformerEngine; GPU)
     fp8: str | None = None               # None, "hybrid" or "e4m3"; needs spec_backend "te"
     fp8_recipe: str = "delayed"          # megatron Fp8Recipe name, used when fp8 is set
+    # megatron's activation recompute (common.recompute_problems): None, "full" or "selective"
+    recompute_granularity: str | None = None
+    recompute_method: str | None = None  # full: "uniform" or "block"
+    recompute_num_layers: int | None = None  # full: layers per recomputed chunk (uniform) or
+                                             # recomputed layers per pipeline stage (block)
 
     @property
     def padded_vocab_size(self) -> int:
@@ -96,7 +103,7 @@ class Qwen3Config(DictConfig):
             problems.append(f"head_dim={self.head_dim} must be even for RoPE")
         if context_parallel < 1:
             problems.append(f"context_parallel={context_parallel} must be >= 1")
-        problems += spec_backend_problems(self)
+        problems += spec_backend_problems(self) + recompute_problems(self)
         return problems
 
     def to_transformer_config(self, tensor_parallel: int = 1, pipeline_parallel: int = 1,
@@ -105,7 +112,8 @@ class Qwen3Config(DictConfig):
         """megatron ``TransformerConfig`` for this model at the given parallel layout.
 
         ``params_dtype`` bf16 switches megatron's bf16 mode on. ``overrides`` set any other
-        ``TransformerConfig`` field (e.g. ``recompute_granularity``, ``perform_initialization``).
+        ``TransformerConfig`` field (e.g. ``perform_initialization``; the activation recompute is
+        this config's own).
         """
         self.validate(tensor_parallel, pipeline_parallel, context_parallel)
         return transformer_config(
@@ -128,6 +136,7 @@ class Qwen3Config(DictConfig):
             init_method_std=self.init_std,
             fp8=self.fp8,
             fp8_recipe=self.fp8_recipe,
+            **{name: getattr(self, name) for name in RECOMPUTE_FIELDS},
         )
 
 

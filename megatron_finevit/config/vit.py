@@ -17,9 +17,11 @@ from dataclasses import dataclass, replace
 import torch
 
 from megatron_finevit.config.common import (
+    RECOMPUTE_FIELDS,
     DictConfig,
     indivisible_by,
     nonpositive_fields,
+    recompute_problems,
     require_spec_backend,
     spec_backend_problems,
     transformer_config,
@@ -48,6 +50,11 @@ class FineViTConfig(DictConfig):
     spec_backend: str = "local"          # "local" (torch; CPU) or "te" (TransformerEngine; GPU)
     fp8: str | None = None               # None, "hybrid" or "e4m3"; needs spec_backend "te"
     fp8_recipe: str = "delayed"          # megatron Fp8Recipe name, used when fp8 is set
+    # megatron's activation recompute (common.recompute_problems): None, "full" or "selective"
+    recompute_granularity: str | None = None
+    recompute_method: str | None = None  # full: "uniform" or "block"
+    recompute_num_layers: int | None = None  # full: layers per recomputed chunk (uniform) or
+                                             # recomputed layers per pipeline stage (block)
 
     @property
     def head_dim(self) -> int:
@@ -90,7 +97,7 @@ class FineViTConfig(DictConfig):
         problems += indivisible_by(self, pipeline_parallel, ("num_layers",), "pipeline_parallel")
         if context_parallel < 1:
             problems.append(f"context_parallel={context_parallel} must be >= 1")
-        problems += spec_backend_problems(self)
+        problems += spec_backend_problems(self) + recompute_problems(self)
         return problems
 
     def to_transformer_config(self, tensor_parallel: int = 1, pipeline_parallel: int = 1,
@@ -99,7 +106,7 @@ class FineViTConfig(DictConfig):
         """megatron ``TransformerConfig`` for this encoder at the given parallel layout.
 
         ``params_dtype`` bf16 switches megatron's bf16 mode on; ``overrides`` set any other
-        ``TransformerConfig`` field (e.g. ``recompute_granularity``).
+        ``TransformerConfig`` field (the activation recompute is this config's own).
         """
         self.validate(tensor_parallel, pipeline_parallel, context_parallel)
         te = self.spec_backend == "te"
@@ -123,6 +130,7 @@ class FineViTConfig(DictConfig):
             cp_comm_type=("p2p" if te else "all_gather") if context_parallel > 1 else None,
             fp8=self.fp8,
             fp8_recipe=self.fp8_recipe,
+            **{name: getattr(self, name) for name in RECOMPUTE_FIELDS},
         )
 
     def num_parameters(self) -> int:

@@ -296,6 +296,28 @@ SHIMS: list[Shim] = [
 
 SHIMS.append(
     Shim(
+        name="no_cuda_rng_state",
+        answers=(
+            "tensor_parallel/random.py _get_all_rng_states / _set_all_rng_states call "
+            "_get_cuda_rng_state / _set_cuda_rng_state (torch.cuda.get_rng_state): "
+            "CheckpointFunction saves and restores them around every recomputed forward "
+            "(activation recompute: full layers in recompute.py, selective core attention in "
+            "transformer/attention.py). On CPU there is no CUDA stream to save: the CPU state "
+            "and the tracker's (CPU) states are saved beside it"
+        ),
+        targets=[
+            ("megatron.core.tensor_parallel.random", "_get_cuda_rng_state",
+             _constant(lambda device="cuda", clone=False, graph_safe=False:
+                       torch.empty(0, dtype=torch.uint8))),
+            ("megatron.core.tensor_parallel.random", "_set_cuda_rng_state",
+             _constant(lambda new_state, device=-1, graph_safe=False: None)),
+        ],
+    )
+)
+
+
+SHIMS.append(
+    Shim(
         name="cpu_causal_mask",
         answers=(
             'transformer/utils.py get_default_causal_mask builds its mask with device="cuda"; '

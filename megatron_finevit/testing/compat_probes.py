@@ -165,6 +165,16 @@ def probe_tied_embedding_sync_on_cpu():
     return [parallel_state.get_pipeline_model_parallel_rank(), list(shared.shape)]
 
 
+def probe_no_cuda_rng_state():
+    """megatron's activation checkpoint (what recompute runs): gradient through a recomputed
+    forward."""
+    from megatron.core import tensor_parallel
+
+    x = torch.arange(3.0, requires_grad=True)
+    tensor_parallel.checkpoint(lambda t: (t * t).sum(), False, x).backward()
+    return x.grad.tolist()
+
+
 PROBES = {
     "current_device_is_cpu": probe_current_device_is_cpu,
     "cuda_sync_is_noop": probe_cuda_sync_is_noop,
@@ -175,6 +185,7 @@ PROBES = {
     "cuda_type_name_checks": probe_cuda_type_name_checks,
     "torch_adam_step_on_load": probe_torch_adam_step_on_load,
     "tied_embedding_sync_on_cpu": probe_tied_embedding_sync_on_cpu,
+    "no_cuda_rng_state": probe_no_cuda_rng_state,
 }
 
 

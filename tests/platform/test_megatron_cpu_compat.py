@@ -39,6 +39,8 @@ def test_probe_results_are_right(report):
     # tied embeddings over 2 pipeline stages: both stages hold the [vocab, hidden] shared weight
     assert [r["tied_embedding_sync_on_cpu"]["with"] for r in report] == [[0, [1024, 64]],
                                                                           [1, [1024, 64]]]
+    # d/dx sum(x²) = 2x through megatron's checkpoint (the forward recomputed in backward)
+    assert rank0["no_cuda_rng_state"]["with"] == [0.0, 2.0, 4.0]
     # the model-parallel RNG stream is reproducible
     assert rank0["cpu_rng_tracker"]["with"] == report[1]["cpu_rng_tracker"]["with"]
 

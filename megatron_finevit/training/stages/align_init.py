@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 
+from megatron_finevit.config.common import RECOMPUTE_FIELDS
 from megatron_finevit.training.checkpoint_files import CheckpointError, reading_checkpoint
 
-# Qwen3Config fields that choose the layer implementation, not the weights
-_IMPLEMENTATION_FIELDS = {"spec_backend", "fp8", "fp8_recipe"}
+# Qwen3Config fields that choose the layer implementation or the recompute, not the weights
+_IMPLEMENTATION_FIELDS = {"spec_backend", "fp8", "fp8_recipe", *RECOMPUTE_FIELDS}
 
 
 def _check_and_load(module: torch.nn.Module, prefix: str, path: Path, what: str) -> None:
