@@ -27,8 +27,13 @@ class ParallelSection:
     overlap_grad_reduce: bool = False   # DDP: reduce gradient buckets during the backward pass
     overlap_param_gather: bool = False  # DDP: all-gather updated weights in the next forward
     bucket_size: int | None = None      # DDP bucket in elements; None: megatron's max(4e7, 1e6·DP)
-    gradient_accumulation_fusion: bool = False  # wgrad GEMM adds into main_grad (APEX / TE kernel)
-    tp_comm_overlap: bool = False       # TE userbuffers: TP collectives inside the GEMMs (GPU)
+    # interleaved 1F1B: model chunks per pipeline rank (1: none); stages that support it (the
+    # FineViT-VL LM) split their layers into pipeline_parallel x this many chunks
+    virtual_pipeline_parallel: int = 1
+    # TransformerEngine (spec_backend te, GPU) only, passed to every tower's TransformerConfig
+    # (transformer_overrides); not exercised on the CPU machines this is tested on:
+    gradient_accumulation_fusion: bool = False  # wgrad GEMM adds into main_grad (TE kernel)
+    tp_comm_overlap: bool = False       # TE userbuffers: TP collectives inside the GEMMs
 
     def problems(self, engine: str, stage_config: dict) -> list[str]:
         """One line per combination megatron-core cannot run (its asserts, as config errors)."""
@@ -44,19 +49,32 @@ class ParallelSection:
             problems.append("parallel.overlap_param_gather needs parallel.overlap_grad_reduce")
         if self.bucket_size is not None and self.bucket_size < 1:
             problems.append(f"parallel.bucket_size={self.bucket_size} must be >= 1 or null")
-        if self.gradient_accumulation_fusion and not _wgrad_fusion_available(stage_config):
-            problems.append("parallel.gradient_accumulation_fusion needs a CUDA device and "
-                            "APEX's fused_weight_gradient_mlp_cuda (spec_backend local) or "
-                            "TransformerEngine (spec_backend te); not found here")
-        if self.tp_comm_overlap:
+        vp = self.virtual_pipeline_parallel
+        if not isinstance(vp, int) or vp < 1:
+            problems.append(f"parallel.virtual_pipeline_parallel={vp!r} must be an integer >= 1 "
+                            "(1: no interleaving)")
+        elif vp > 1 and self.pipeline_parallel < 2:
+            problems.append(f"parallel.virtual_pipeline_parallel={vp} needs pipeline_parallel "
+                            ">= 2 (it splits each pipeline rank's layers into chunks)")
+        for key in TE_ONLY_FIELDS:
             local = [t for t, b in _spec_backends(stage_config).items() if b != "te"]
-            if local:
-                problems.append("parallel.tp_comm_overlap needs spec_backend te (TransformerEngine "
-                                f"userbuffers); {', '.join(local)} use(s) another spec")
-            if self.tensor_parallel < 2 or not self.sequence_parallel:
-                problems.append("parallel.tp_comm_overlap needs tensor_parallel >= 2 and "
-                                "sequence_parallel")
+            if getattr(self, key) and (local or not _spec_backends(stage_config)):
+                problems.append(f"parallel.{key} needs spec_backend te (TransformerEngine, GPU) "
+                                f"for every tower; {', '.join(local) or 'the stage'} use(s) the "
+                                "local spec")
+        if self.tp_comm_overlap and (self.tensor_parallel < 2 or not self.sequence_parallel):
+            problems.append("parallel.tp_comm_overlap needs tensor_parallel >= 2 and "
+                            "sequence_parallel")
         return problems
+
+    def transformer_overrides(self) -> dict:
+        """The ``TransformerConfig`` fields this section passes to every tower the stages build
+        (only those set: ``problems`` allows them with the te spec alone)."""
+        return {key: True for key in TE_ONLY_FIELDS if getattr(self, key)}
+
+
+# TransformerConfig switches that need TransformerEngine's layers (and a GPU)
+TE_ONLY_FIELDS = ("gradient_accumulation_fusion", "tp_comm_overlap")
 
 
 def _spec_backends(stage_config: dict) -> dict[str, str]:
@@ -64,20 +82,6 @@ def _spec_backends(stage_config: dict) -> dict[str, str]:
     the presets and model configs default to local)."""
     return {tower: (stage_config.get(f"{tower}_overrides") or {}).get("spec_backend", "local")
             for tower in ("vit", "text", "llm") if tower in stage_config}
-
-
-def _wgrad_fusion_available(stage_config: dict) -> bool:
-    """Whether megatron can fuse the weight-gradient accumulation here: its local linear layers
-    raise at construction without APEX's kernel, TE's layers fuse it themselves."""
-    import importlib.util
-
-    import torch
-
-    if not torch.cuda.is_available():
-        return False
-    kernels = {"local": "fused_weight_gradient_mlp_cuda", "te": "transformer_engine"}
-    return all(importlib.util.find_spec(kernels.get(backend, backend)) is not None
-               for backend in set(_spec_backends(stage_config).values()) or {"local"})
 
 
 @dataclass
@@ -191,6 +195,21 @@ class TrainConfig:
         if self.checkpoint.save_interval and not self.checkpoint.dir:
             problems.append("checkpoint.save_interval is set but checkpoint.dir is not")
         return problems
+
+    def interleaving_problems(self, data_parallel: int) -> list[str]:
+        """Under a virtual pipeline megatron's interleaved schedule needs each rank's micro-batches
+        per step to be a multiple of pipeline_parallel (its groups of PP micro-batches per chunk):
+        one line per step size (``global_batch_size`` and the schedule's) that is not."""
+        p = self.parallel
+        if p.virtual_pipeline_parallel < 2 or p.pipeline_parallel < 2 or data_parallel < 1:
+            return []
+        multiple = data_parallel * p.pipeline_parallel
+        sizes = [self.global_batch_size] + [n for _, n in self.global_batch_schedule]
+        return [f"global_batch_size={n}: virtual_pipeline_parallel needs the micro-batches per "
+                f"step to be a multiple of data_parallel x pipeline_parallel = {data_parallel} x "
+                f"{p.pipeline_parallel} = {multiple} (megatron's interleaved 1F1B runs each "
+                f"chunk on groups of pipeline_parallel micro-batches)"
+                for n in dict.fromkeys(sizes) if n % multiple]
 
     def validate(self) -> None:
         """Raise ``ConfigError`` listing every problem of ``problems()``."""

@@ -12,6 +12,13 @@ and projector live whole on the first stage (its output feeds the LM's first lay
 encoder's ``TransformerConfig`` is built with one pipeline stage. ``first_stage_llm_layers``
 gives the first stage fewer LM layers than the others (megatron's uneven split) so that it is not
 the bottleneck: the remaining layers split evenly over the other stages.
+
+Virtual pipeline (``virtual_pipeline``, interleaved 1F1B): each pipeline rank holds that many
+chunks of the LM, chunk ``v`` of rank ``r`` being the ``v·PP + r``-th of ``PP·VP`` consecutive
+pieces (megatron's assignment); the encoder and projector sit with the first chunk of the first
+rank. megatron needs every rank's LM layers to split evenly into its chunks: ``num_layers`` a
+multiple of ``PP·VP``, or with ``first_stage_llm_layers`` that count and each other rank's share
+multiples of ``VP``.
 """
 
 from __future__ import annotations
@@ -57,22 +64,24 @@ class FineViTVLConfig:
         return max(self.vit.num_layers, self.llm.num_layers)
 
     def validate(self, tensor_parallel: int = 1, pipeline_parallel: int = 1,
-                 context_parallel: int = 1) -> None:
+                 context_parallel: int = 1, virtual_pipeline: int = 1) -> None:
         """Raise ValueError listing every problem of ``problems``; then a ``te`` tower on a
         machine without TransformerEngine raises ``BackendUnavailable``."""
         from megatron_finevit.config.common import require_spec_backend
 
-        problems = self.problems(tensor_parallel, pipeline_parallel, context_parallel)
+        problems = self.problems(tensor_parallel, pipeline_parallel, context_parallel,
+                                 virtual_pipeline)
         if problems:
             raise ValueError("invalid FineViT-VL config: " + "; ".join(problems))
         for tower in (self.vit, self.llm):
             require_spec_backend(tower)
 
     def problems(self, tensor_parallel: int = 1, pipeline_parallel: int = 1,
-                 context_parallel: int = 1) -> list[str]:
+                 context_parallel: int = 1, virtual_pipeline: int = 1) -> list[str]:
         """One line per problem: both towers must split over ``tensor_parallel`` ranks and the
-        language model over ``pipeline_parallel`` stages (the encoder is not pipelined)."""
-        problems = []
+        language model over ``pipeline_parallel`` stages, each into ``virtual_pipeline`` chunks
+        (the encoder is not pipelined)."""
+        problems = self._virtual_pipeline_problems(pipeline_parallel, virtual_pipeline)
         uneven = self._uneven(pipeline_parallel)
         if uneven:
             rest, stages = self.llm.num_layers - self.first_stage_llm_layers, pipeline_parallel - 1
@@ -92,17 +101,42 @@ class FineViTVLConfig:
                             f"{self.llm.vocab_size}")
         return problems
 
+    def _virtual_pipeline_problems(self, pipeline_parallel: int, virtual_pipeline: int) -> list:
+        """megatron's interleaved split (TransformerConfig / get_num_layers_to_build asserts)."""
+        if virtual_pipeline == 1:
+            return []
+        if pipeline_parallel < 2:
+            return [f"virtual_pipeline={virtual_pipeline} needs pipeline_parallel >= 2"]
+        layers, first = self.llm.num_layers, self.first_stage_llm_layers
+        if first is None:
+            if layers % (pipeline_parallel * virtual_pipeline):
+                return [f"virtual pipeline: the language model's {layers} layers do not split "
+                        f"into pipeline_parallel x virtual_pipeline = {pipeline_parallel} x "
+                        f"{virtual_pipeline} equal chunks"]
+            return []
+        rest, stages = layers - first, pipeline_parallel - 1
+        if first % virtual_pipeline or (stages and rest % stages == 0
+                                        and (rest // stages) % virtual_pipeline):
+            return [f"virtual pipeline: first_stage_llm_layers={first} and the other stages' "
+                    f"{rest // stages if stages else 0} layers each must be multiples of "
+                    f"virtual_pipeline={virtual_pipeline} (megatron splits every rank's layers "
+                    "evenly into its chunks)"]
+        return []
+
     def to_transformer_configs(self, tensor_parallel: int = 1, pipeline_parallel: int = 1,
                                sequence_parallel: bool = False,
                                params_dtype: torch.dtype = torch.float32,
-                               context_parallel: int = 1, **overrides):
+                               context_parallel: int = 1, virtual_pipeline: int = 1,
+                               **overrides):
         """``(encoder TransformerConfig, language-model TransformerConfig)`` at this layout; the
-        encoder's has one pipeline stage, both towers ``context_parallel`` (see the module
-        docstring)."""
-        self.validate(tensor_parallel, pipeline_parallel, context_parallel)
+        encoder's has one pipeline stage, both towers ``context_parallel``, the LM
+        ``virtual_pipeline`` chunks per pipeline rank (see the module docstring)."""
+        self.validate(tensor_parallel, pipeline_parallel, context_parallel, virtual_pipeline)
         vit = self.vit.to_transformer_config(tensor_parallel, 1, context_parallel,
                                              sequence_parallel, params_dtype, **overrides)
         llm_pp, llm_overrides = pipeline_parallel, dict(overrides)
+        if virtual_pipeline > 1:
+            llm_overrides.update(virtual_pipeline_model_parallel_size=virtual_pipeline)
         if self._uneven(pipeline_parallel):
             # Qwen3Config checks an even split; the uneven one was checked above
             llm_pp = 1

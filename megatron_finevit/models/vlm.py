@@ -14,7 +14,10 @@ Parallel layout (``FineViTVLConfig.to_transformer_configs``):
   and the filled-in embeddings are scattered here, as megatron's LLaVA does;
 - pipeline parallel: the encoder and projector live on the first stage with the LM's embedding
   and first layers; later stages hold only LM layers (and the output layer on the last) and take
-  their input from megatron's schedule through ``set_input_tensor``;
+  their input from megatron's schedule through ``set_input_tensor``; with virtual pipeline stages
+  (``vp_stage``) each rank builds one such module per LM chunk, the encoder and projector only in
+  the first chunk of the first rank (its ``pre_process``), the output layer in the last chunk of
+  the last; layers keep their global numbers in checkpoints;
 - context parallel (CP): every CP rank is given the whole micro-batch. The LM's embeddings are
   computed and the placeholders filled on the whole sequence, then each rank keeps its zigzag
   chunks of every segment (``models.attention.context_parallel``: chunks ``r`` and
@@ -65,11 +68,13 @@ class FineViTVLModel(MegatronModule):
 
     ``vit_transformer_config`` / ``llm_transformer_config`` come from
     ``FineViTVLConfig.to_transformer_configs``. ``pre_process`` / ``post_process`` default to
-    whether this rank is the first / last pipeline stage.
+    whether this rank is the first / last pipeline stage (of chunk ``vp_stage`` under a virtual
+    pipeline: megatron's interleaved schedule runs one module per chunk).
     """
 
     def __init__(self, config: FineViTVLConfig, vit_transformer_config, llm_transformer_config,
-                 pre_process: bool | None = None, post_process: bool | None = None):
+                 pre_process: bool | None = None, post_process: bool | None = None,
+                 vp_stage: int | None = None):
         super().__init__(config=llm_transformer_config)
         cp_sizes = {c.context_parallel_size for c in (vit_transformer_config,
                                                       llm_transformer_config)}
@@ -84,12 +89,14 @@ class FineViTVLModel(MegatronModule):
             raise ValueError("the FineViT-VL encoder is not pipelined: build its TransformerConfig "
                              "with FineViTVLConfig.to_transformer_configs")
         self.vl_config = config
-        self.pre_process = (parallel_state.is_pipeline_first_stage() if pre_process is None
+        self.vp_stage = vp_stage  # megatron's schedule checks it against the chunk it runs
+        stage = dict(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
+        self.pre_process = (parallel_state.is_pipeline_first_stage(**stage) if pre_process is None
                             else pre_process)
-        self.post_process = (parallel_state.is_pipeline_last_stage() if post_process is None
-                             else post_process)
+        self.post_process = (parallel_state.is_pipeline_last_stage(**stage)
+                             if post_process is None else post_process)
         self.llm = build_qwen3(config.llm, llm_transformer_config, pre_process=self.pre_process,
-                               post_process=self.post_process,
+                               post_process=self.post_process, vp_stage=vp_stage,
                                scatter_embedding_sequence_parallel=False)
         # megatron's schedules and finalize_model_grads read these
         self.model_type = self.llm.model_type

@@ -16,6 +16,10 @@ load), the LR scheduler and the train state (common), and per rank the RNG state
 loader's position. RNG and data-loader states only make sense for the parallel layout they were
 saved with: loading at another layout restores model, optimiser and schedule, and says that the
 data order and random streams restart.
+
+A model is one module or, under a virtual pipeline, the list of this rank's chunks (each under
+its own key, ``model``, ``model1``, ...): tensor keys carry global layer numbers either way, so a
+checkpoint loads at any virtual-pipeline size too.
 """
 
 from __future__ import annotations
@@ -99,10 +103,25 @@ def _per_rank_object(key: str, data):
     return ShardedObject(key, data, shape, offset, replica_id=0)
 
 
+def _chunks(model) -> list:
+    """A model's chunks: the list itself, or the one module."""
+    return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
+def _model_key(index: int) -> str:
+    return "model" if index == 0 else f"model{index}"
+
+
+def _named(model):
+    """What ``group_settings`` reads parameter names from (chunk-prefixed for several)."""
+    chunks = _chunks(model)
+    return chunks[0] if len(chunks) == 1 else torch.nn.ModuleList(chunks)
+
+
 def _sharded_state(model, optimizer, is_loading: bool, with_rank_states: bool, rank_states: dict):
     """The dist_checkpointing template for saving (with data) or loading (shapes only)."""
-    model_sd = model.sharded_state_dict()
-    state = {"model": model_sd}
+    state = {_model_key(i): chunk.sharded_state_dict() for i, chunk in enumerate(_chunks(model))}
+    model_sd = state["model"] if len(state) == 1 else dict(state)
     if optimizer is not None:
         # 'fully_reshardable': the distributed optimizer's state can be loaded at any TP/PP/DP
         # (megatron's default format here trips over flattened ranges in 0.19). Its
@@ -254,7 +273,7 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, weights_only:
         # Before the template: megatron's distributed optimizer builds it by loading its own
         # state into itself (distrib_optimizer.py sharded_state_dict, is_loading), which already
         # pairs param groups the way the real load will.
-        fresh_groups = group_settings(optimizer, model)
+        fresh_groups = group_settings(optimizer, _named(model))
         _materialise_optimizer_state(optimizer)
     template = _sharded_state(model, None if weights_only else optimizer, is_loading=True,
                               with_rank_states=with_rank_states,
@@ -264,14 +283,17 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, weights_only:
         # lacks keep their fresh initialisation, parameters it has and the model lacks are left.
         from megatron.core.dist_checkpointing.validation import StrictHandling
 
-        absent = _drop_absent_factories(template["model"], path)
+        chunks = _chunks(model)
+        absent = [key for i in range(len(chunks))
+                  for key in _drop_absent_factories(template[_model_key(i)], path)]
         # megatron's naming: "missing" = in the checkpoint, not asked for; "unexpected" = asked
         # for, not in the checkpoint (those keep their fresh initialisation).
         with reading_checkpoint(path):
             loaded, unused, fresh = dist_checkpointing.load(
                 template, str(path), strict=StrictHandling.RETURN_ALL)
         fresh = sorted(set(fresh) | set(absent))
-        model.load_state_dict(loaded["model"], strict=not fresh)
+        for i, chunk in enumerate(chunks):
+            chunk.load_state_dict(loaded[_model_key(i)], strict=not fresh)
         log.info("checkpoint: initialised weights from %s; %d tensors kept their fresh "
                  "initialisation%s; %d tensors of the checkpoint unused", path, len(fresh),
                  f" ({', '.join(fresh[:6])}{' ...' if len(fresh) > 6 else ''})" if fresh else "",
@@ -279,10 +301,11 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, weights_only:
         return TrainState(), None
     with reading_checkpoint(path):
         loaded = dist_checkpointing.load(template, str(path))
-    model.load_state_dict(loaded["model"])
+    for i, chunk in enumerate(_chunks(model)):
+        chunk.load_state_dict(loaded[_model_key(i)])
     optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(common["scheduler"])
-    check_groups_after_load(fresh_groups, group_settings(optimizer, model))
+    check_groups_after_load(fresh_groups, group_settings(optimizer, _named(model)))
     data_state = None
     if with_rank_states:
         set_rng_state(loaded["rng"])

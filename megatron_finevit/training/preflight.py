@@ -105,7 +105,14 @@ def find_problems(cfg, world_size: int, problems: list[str] | None = None) -> Fi
     layout = ParallelConfig(tensor_parallel=p.tensor_parallel,
                             pipeline_parallel=p.pipeline_parallel,
                             context_parallel=p.context_parallel,
-                            sequence_parallel=p.sequence_parallel)
+                            sequence_parallel=p.sequence_parallel,
+                            virtual_pipeline=p.virtual_pipeline_parallel
+                            if isinstance(p.virtual_pipeline_parallel, int)
+                            and p.virtual_pipeline_parallel > 1 else None)
+    if layout.virtual_pipeline and found.stage is not None and not getattr(
+            found.stage, "supports_virtual_pipeline", False):
+        found.problems.append(f"parallel.virtual_pipeline_parallel: stage {cfg.stage!r} does not "
+                              "build model chunks (only the FineViT-VL stages do: align, sft)")
     dims = found.stage.model_dims() if found.stage is not None else {}
     layout_problems = layout.problems(world_size, **dims)
     found.problems += [f"parallel: {problem}" for problem in layout_problems]
@@ -137,7 +144,9 @@ def check_run(cfg, world_size: int):
 
 def _batch_problems(cfg, data_parallel: int) -> list[str]:
     if cfg.samples_per_step:  # the micro-batch counts are made multiples of DP at start-up
-        return []
+        return []  # (and checked for a virtual pipeline there)
+    if cfg.global_batch_size % data_parallel == 0:
+        return cfg.interleaving_problems(data_parallel)
     if cfg.global_batch_size < 1 or cfg.global_batch_size % data_parallel == 0:
         return []
     lower = cfg.global_batch_size // data_parallel * data_parallel

@@ -46,13 +46,20 @@ class TooManyBadSteps(RuntimeError):
     """More steps than ``max_bad_steps`` had a non-finite loss."""
 
 
-def build_stage_module(stage, bf16: bool) -> torch.nn.Module:
-    """This pipeline stage's model, built by the stage, on the GPU if there is one, and in
-    megatron's Float16Module for bf16 (it casts inputs and outputs at the pipeline ends)."""
+def build_stage_module(stage, bf16: bool, vp_stage: int | None = None) -> torch.nn.Module:
+    """This pipeline stage's model (its chunk ``vp_stage`` under a virtual pipeline), built by
+    the stage, on the GPU if there is one, and in megatron's Float16Module for bf16 (it casts
+    inputs and outputs at the pipeline ends)."""
     from megatron.core import parallel_state
 
-    model = stage.build_model(pre_process=parallel_state.is_pipeline_first_stage(),
-                              post_process=parallel_state.is_pipeline_last_stage())
+    if vp_stage is None:
+        model = stage.build_model(pre_process=parallel_state.is_pipeline_first_stage(),
+                                  post_process=parallel_state.is_pipeline_last_stage())
+    else:  # megatron's get_model: the ends are the first rank's first chunk, the last's last
+        where = dict(ignore_virtual=False, vp_stage=vp_stage)
+        model = stage.build_model(pre_process=parallel_state.is_pipeline_first_stage(**where),
+                                  post_process=parallel_state.is_pipeline_last_stage(**where),
+                                  vp_stage=vp_stage)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     if bf16:
@@ -63,13 +70,17 @@ def build_stage_module(stage, bf16: bool) -> torch.nn.Module:
 
 
 def build_model_chunks(stage, cfg: TrainConfig, bf16: bool) -> list:
-    """This rank's model chunk, built by the stage and wrapped in megatron DDP."""
+    """This rank's model chunks, built by the stage and each wrapped in megatron DDP: one, or
+    ``parallel.virtual_pipeline_parallel`` (interleaved 1F1B: chunk ``v`` holds the ``v``-th of
+    this rank's shares of the layers, as megatron-LM's ``get_model`` builds them)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from megatron_finevit.config.errors import ConfigError
 
     p = cfg.parallel
-    model = build_stage_module(stage, bf16)
+    vp = p.virtual_pipeline_parallel
+    modules = ([build_stage_module(stage, bf16)] if vp == 1 else
+               [build_stage_module(stage, bf16, vp_stage=i) for i in range(vp)])
     config = stage.transformer_config()
     # Both are TransformerConfig fields the stage's layers read when built: refuse a run whose
     # stage did not build them in rather than train without what the YAML asked for.
@@ -81,7 +92,10 @@ def build_model_chunks(stage, cfg: TrainConfig, bf16: bool) -> list:
         grad_reduce_in_fp32=True, use_distributed_optimizer=p.distributed_optimizer,
         overlap_grad_reduce=p.overlap_grad_reduce, overlap_param_gather=p.overlap_param_gather,
         bucket_size=p.bucket_size)
-    return [DistributedDataParallel(config, ddp_config, model)]
+    # later chunks in one bucket each, as megatron-LM's get_model (their gradients are ready
+    # only at the end of the backward pass)
+    return [DistributedDataParallel(config, ddp_config, module, disable_bucketing=i > 0)
+            for i, module in enumerate(modules)]
 
 
 @contextlib.contextmanager
@@ -143,13 +157,19 @@ class Trainer:
         init_parallel(ParallelConfig(tensor_parallel=p.tensor_parallel,
                                      pipeline_parallel=p.pipeline_parallel,
                                      context_parallel=p.context_parallel,
-                                     sequence_parallel=p.sequence_parallel),
+                                     sequence_parallel=p.sequence_parallel,
+                                     virtual_pipeline=p.virtual_pipeline_parallel
+                                     if p.virtual_pipeline_parallel > 1 else None),
                       **self.stage.model_dims())
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         from megatron_finevit.training.batch_schedule import resolve_batch_schedule
 
         resolve_batch_schedule(cfg, self.stage, self.dp_size)
+        if cfg.samples_per_step and cfg.interleaving_problems(self.dp_size):
+            from megatron_finevit.config.errors import ConfigError
+
+            raise ConfigError(cfg.interleaving_problems(self.dp_size))
         self.microbatches_per_rank = cfg.global_batch_size // self.dp_size
         set_seed(cfg.seed)
         self.bf16 = cfg.params_dtype() == torch.bfloat16
@@ -168,6 +188,8 @@ class Trainer:
         self.model = build_model_chunks(self.stage, self.cfg, self.bf16)
         self.optimizer = build_optimizer(self.cfg, self.model, self.bf16,
                                          self.stage.optimizer_overrides())
+        if len(self.model) > 1:  # the interleaved schedule reads model[0]'s config: every chunk's
+            self.model[0].config.no_sync_func = [chunk.no_sync for chunk in self.model]
         self.scheduler = build_scheduler(self.cfg, self.optimizer)
 
     # --- checkpoints ---------------------------------------------------------------------------
@@ -176,7 +198,7 @@ class Trainer:
         ck = self.cfg.checkpoint
         resume_from = latest_checkpoint(ck.dir) if ck.dir and ck.resume else None
         if resume_from is not None:
-            self.state, data_state = load_checkpoint(resume_from, _unwrap(self.model[0]),
+            self.state, data_state = load_checkpoint(resume_from, self._modules(),
                                                      self.optimizer, self.scheduler)
             if data_state is not None:
                 self.data.load_state_dict(data_state)
@@ -184,22 +206,35 @@ class Trainer:
             source = latest_checkpoint(ck.load_dir)
             if source is None:
                 raise FileNotFoundError(f"checkpoint.load_dir={ck.load_dir} holds no checkpoint")
-            load_checkpoint(source, _unwrap(self.model[0]), None, None, weights_only=True)
+            load_checkpoint(source, self._modules(), None, None, weights_only=True)
             # DDP keeps fp32 main params in the optimizer: copy the loaded weights into them.
             self.optimizer.reload_model_params()
 
+    def _modules(self):
+        """The stage's module (its chunks under a virtual pipeline), for checkpoints."""
+        modules = [_unwrap(chunk) for chunk in self.model]
+        return modules[0] if len(modules) == 1 else modules
+
     def save(self) -> None:
         with params_gathered(self.model):
-            save_checkpoint(self.cfg.checkpoint.dir, _unwrap(self.model[0]), self.optimizer,
+            save_checkpoint(self.cfg.checkpoint.dir, self._modules(), self.optimizer,
                             self.scheduler, self.state, self.data.state_dict(),
                             config=asdict(self.cfg), keep_last=self.cfg.checkpoint.keep_last)
 
     # --- one step -------------------------------------------------------------------------------
 
-    def _forward_step(self, data_iterator, model, work: list):
+    def _forward_step(self, data_iterator, model, work: list | None):
         batch = next(data_iterator)
-        work.append(self.stage.work(batch))
+        if work is not None:
+            work.append(self.stage.work(batch))
         return self.stage.forward_step(batch, model)
+
+    def _chunk_iterators(self, data, work: list) -> list:
+        """Interleaved 1F1B runs every chunk on each micro-batch, in order: the step's packs are
+        read once (their work counted once) and replayed to each chunk."""
+        batches = [next(data) for _ in range(self.microbatches_per_rank)]
+        work.extend(self.stage.work(batch) for batch in batches)
+        return [iter(batches) for _ in self.model]
 
     def train_step(self) -> dict[str, float] | None:
         """One optimiser step. Returns the metrics (on every rank; loss only meaningful on the
@@ -216,8 +251,11 @@ class Trainer:
         self.microbatches_per_rank = self.cfg.global_batch_at(self.state.step) // self.dp_size
         if hasattr(self.stage, "prepare_step"):  # after zeroing: it may accumulate gradients
             data = self.stage.prepare_step(self.data, self.model, self.microbatches_per_rank)
+        interleaved = len(self.model) > 1
+        if interleaved:
+            data = self._chunk_iterators(data, work)
         outputs = get_forward_backward_func()(
-            forward_step_func=partial(self._forward_step, work=work),
+            forward_step_func=partial(self._forward_step, work=None if interleaved else work),
             data_iterator=data,
             model=self.model,
             num_microbatches=self.microbatches_per_rank,

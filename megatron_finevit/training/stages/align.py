@@ -26,7 +26,8 @@ hook before they reach the grad buffer and its groups' learning rate is 0 (so ne
 moments nor weight decay move it); a frozen encoder also runs under ``no_grad``.
 
 Pipeline parallelism: the encoder and projector sit on the first stage with the LM's first
-``first_stage_llm_layers`` layers. Every stage reads the same packs and decodes its images (the
+``first_stage_llm_layers`` layers; ``parallel.virtual_pipeline_parallel`` splits every rank's LM
+layers into chunks (interleaved 1F1B; the trainer gives each chunk the step's packs in order). Every stage reads the same packs and decodes its images (the
 text of a sample depends on its resized size): decoding is deterministic, so a corrupt image is
 skipped on every stage alike.
 
@@ -132,6 +133,7 @@ class AlignStageConfig(VLStageConfig):
 class AlignStage:
     name = "align"
     config_class = AlignStageConfig
+    supports_virtual_pipeline = True  # build_model(vp_stage=): one FineViTVLModel per LM chunk
 
     def __init__(self, run: TrainConfig):
         """Parse and check ``stage_config`` (raises ``ConfigError`` with every problem); reads no
@@ -164,7 +166,8 @@ class AlignStage:
                                       first_stage_llm_layers=cfg.first_stage_llm_layers)
             problems += [f"stage_config: {problem}"
                          for problem in self.vl.problems(p.tensor_parallel, p.pipeline_parallel,
-                                                         p.context_parallel)]
+                                                         p.context_parallel,
+                                                         p.virtual_pipeline_parallel)]
         d = cfg.data
         if not d.dir:
             problems.append("stage_config.data.dir must name an indexed shard directory")
@@ -184,6 +187,9 @@ class AlignStage:
         if cp > 1 and cfg.eval_data_dir:
             problems.append("stage_config.eval_data_dir: held-out generation runs at "
                             "context_parallel=1 (evaluate a checkpoint of this run there)")
+        if p.virtual_pipeline_parallel > 1 and cfg.eval_data_dir:
+            problems.append("stage_config.eval_data_dir: held-out generation runs without "
+                            "virtual pipeline stages (evaluate a checkpoint of this run)")
         for module in MODULES:
             policy = cfg.policy(module)
             if policy.train_from is not None and policy.train_from < 0:
@@ -229,7 +235,8 @@ class AlignStage:
         return self.vl.to_transformer_configs(
             tensor_parallel=p.tensor_parallel, pipeline_parallel=p.pipeline_parallel,
             sequence_parallel=p.sequence_parallel, params_dtype=self.run.params_dtype(),
-            context_parallel=p.context_parallel)
+            context_parallel=p.context_parallel, virtual_pipeline=p.virtual_pipeline_parallel,
+            **p.transformer_overrides())
 
     def transformer_config(self):
         return self.transformer_configs()[1]
@@ -310,13 +317,16 @@ class AlignStage:
 
     # --- model -------------------------------------------------------------------------------------
 
-    def build_model(self, pre_process: bool, post_process: bool):
+    def build_model(self, pre_process: bool, post_process: bool, vp_stage: int | None = None):
+        """This rank's FineViT-VL (its LM chunk ``vp_stage`` under a virtual pipeline)."""
         from megatron_finevit.models.vlm import FineViTVLModel
         from megatron_finevit.training.stages.align_init import load_llm_weights, load_vit_weights
 
         vit_config, llm_config = self.transformer_configs()
-        self.module = model = FineViTVLModel(self.vl, vit_config, llm_config, pre_process,
-                                             post_process)
+        model = FineViTVLModel(self.vl, vit_config, llm_config, pre_process, post_process,
+                               vp_stage=vp_stage)
+        if not vp_stage:  # the first chunk: the one with the encoder on the first rank
+            self.module = model
         if not self._weights_come_from_a_checkpoint():
             if pre_process and self.cfg.vit_init_dir:
                 load_vit_weights(model.encoder, self.cfg.vit_init_dir)
@@ -390,9 +400,11 @@ class AlignStage:
         from megatron_finevit.data.tasks.chat import IGNORE_INDEX
         from megatron_finevit.models.llm.packing import thd_packed_seq_params
 
+        from megatron.core.utils import get_attr_wrapped_model
+
         device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
         images = None  # also for a pack of text-only conversations (SFT)
-        if self.module.pre_process and batch.images is not None:
+        if get_attr_wrapped_model(model, "pre_process") and batch.images is not None:
             images = dataclasses.replace(batch.images, patches=batch.images.patches.to(device))
         labels = batch.labels.masked_fill(batch.labels == IGNORE_INDEX, 0)
         params = thd_packed_seq_params(batch.cu_seqlens.to(device))

@@ -261,7 +261,7 @@ class ContrastiveStage(VisionStage):
         p = self.run.parallel
         text_config = self.text.to_transformer_config(
             tensor_parallel=p.tensor_parallel, sequence_parallel=p.sequence_parallel,
-            params_dtype=config.params_dtype)
+            params_dtype=config.params_dtype, **p.transformer_overrides())
         if self.cfg.loss_scope == "step":
             _check_no_dropout(config, text_config)
         self.module = ContrastiveModel(self.vit, config, self.text, text_config, pre_process,

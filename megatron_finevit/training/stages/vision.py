@@ -159,7 +159,7 @@ class VisionStage:
         return self.vit.to_transformer_config(
             tensor_parallel=p.tensor_parallel, pipeline_parallel=p.pipeline_parallel,
             context_parallel=p.context_parallel, sequence_parallel=p.sequence_parallel,
-            params_dtype=self.run.params_dtype())
+            params_dtype=self.run.params_dtype(), **p.transformer_overrides())
 
     def sequence_shape(self) -> tuple[int, int]:
         return self.cfg.data.pack_tokens, 1
