@@ -4,9 +4,36 @@ itself is ``conftest.py``'s ``slurm`` fixture)."""
 
 from __future__ import annotations
 
+import json
 import re
+import sys
 import time
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+# The #SBATCH lines of slurm/*.sbatch this cluster cannot satisfy (each refused without its
+# override: several nodes, 8 tasks and 8 GPUs a node, 12 CPUs a task); --time and --signal stay.
+ONE_CPU_NODE = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1"]
+
+
+def as_overrides(values: dict) -> list[str]:
+    """``key=value`` config overrides (values as JSON) for the launcher's command line."""
+    return [f"{key}={json.dumps(value)}" for key, value in values.items()]
+
+
+def run_sbatch(slurm, sbatch: str, root: Path, overrides: list[str], timeout_s: float = 900,
+               **env: str) -> str:
+    """Submit ``slurm/<sbatch>`` from the repository root as a user does (``ONE_CPU_NODE``, the
+    job's directory ``root``, ``overrides`` after the file, ``env`` e.g. CONFIG=...), wait until
+    it has left the queue and return its log."""
+    root.mkdir(parents=True)
+    log = root / "job.log"
+    options = [*ONE_CPU_NODE, f"--chdir={root}", f"--output={log}", "--open-mode=append"]
+    job = slurm.sbatch([*options, str(REPO / "slurm" / sbatch), *overrides],
+                       env=slurm.env(PYTHON=sys.executable, OMP_NUM_THREADS="1", **env), cwd=REPO)
+    slurm.wait_until_gone(job, timeout_s=timeout_s)
+    return log.read_text() if log.exists() else "(no log)"
 
 
 def logged_losses(log_text: str) -> dict[int, float]:
@@ -14,6 +41,15 @@ def logged_losses(log_text: str) -> dict[int, float]:
     twice)."""
     return {int(step): float(loss)
             for step, loss in re.findall(r"step\s+(\d+) \| loss (\S+)", log_text)}
+
+
+def saved_run(ckpt_dir: Path) -> dict:
+    """The common state of the run's latest checkpoint: ``layout`` (tp, pp, cp, dp it ran at) and
+    ``config`` (the whole run config, overrides applied)."""
+    from megatron.core import dist_checkpointing
+
+    latest = ckpt_dir / (ckpt_dir / "latest").read_text().strip()
+    return dist_checkpointing.load_common_state_dict(str(latest))["common"]
 
 
 def wait_for_log(path: Path, pattern: str, timeout_s: float) -> None:
