@@ -31,12 +31,13 @@ def _spans(starts: list[int], train_steps: int) -> list[tuple[int, int]]:
 
 
 def workload_from_config(cfg) -> Workload:
-    """``cfg``: a validated ``TrainConfig`` of stage mim, contrastive or align."""
+    """``cfg``: a validated ``TrainConfig`` of stage mim, contrastive, align or sft."""
     from megatron_finevit.training.stage import get_stage
 
     stage = get_stage(cfg.stage)(cfg)
-    if cfg.stage not in ("mim", "contrastive", "align"):
-        raise ValueError(f"the planner knows stages mim, contrastive and align, not {cfg.stage!r}")
+    if cfg.stage not in ("mim", "contrastive", "align", "sft"):
+        raise ValueError(f"the planner knows stages mim, contrastive, align and sft, not "
+                         f"{cfg.stage!r}")
     phases = stage.microbatch_phases()
     starts = sorted({p.start_step for p in phases}
                     | ({stage.cfg.unfreeze_text_at} if cfg.stage == "contrastive"
@@ -62,4 +63,4 @@ def workload_from_config(cfg) -> Workload:
     if cfg.stage == "contrastive":
         return contrastive_workload(stage.vit, stage.text, specs)
     trainable = tuple(stage.trainable_at(m, 0) for m in ("vit", "projector", "llm"))
-    return vlm_workload("align", stage.vl, specs, trainable)
+    return vlm_workload(cfg.stage, stage.vl, specs, trainable)

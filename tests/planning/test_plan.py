@@ -135,3 +135,36 @@ def test_cli_user_errors(args, message):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(message), lines
+
+
+PAPER_CONFIGS = sorted(p.name for p in (REPO / "examples").glob("*.yaml")
+                       if not p.stem.endswith("_tiny"))
+
+
+def _sbatch_nodes(config_name: str) -> int:
+    """--nodes of the slurm/*.sbatch that launches ``config_name`` (8 GPUs a node)."""
+    import re
+
+    for sbatch in sorted((REPO / "slurm").glob("*.sbatch")):
+        text = sbatch.read_text()
+        if f"examples/{config_name}" in text:
+            return int(re.search(r"^#SBATCH --nodes=(\d+)$", text, re.M).group(1))
+    raise AssertionError(f"no sbatch file launches examples/{config_name}")
+
+
+@pytest.mark.parametrize("config", PAPER_CONFIGS)
+def test_paper_configs_use_the_planners_first_layout(config, capsys):
+    """Every paper-scale YAML runs the layout the planner ranks first on its sbatch's H100 nodes
+    (README "Reproducing at scale")."""
+    import yaml
+
+    tool = load_tool()
+    nodes = _sbatch_nodes(config)
+    assert tool.main(["--config", f"examples/{config}", "--nodes", str(nodes),
+                      "--gpus-per-node", "8", "--gpu", "h100"]) == 0
+    out = values(capsys.readouterr().out)
+    p = yaml.safe_load((REPO / "examples" / config).read_text())["parallel"]
+    dp = nodes * 8 // (p["tensor_parallel"] * p["pipeline_parallel"] * p["context_parallel"])
+    ours = (f"tp{p['tensor_parallel']}_pp{p['pipeline_parallel']}_cp{p['context_parallel']}"
+            f"_dp{dp}")
+    assert out["best_layout"] == ours, (config, out["best_layout"])
