@@ -1,19 +1,15 @@
 """Stage III evaluation on held-out images: region QA answered by greedy decoding.
 
 Questions. The first ``max_images`` samples of the split's index (index order) are dealt to the
-data-parallel ranks round-robin (disjoint shares; every rank of a model-parallel group takes the
-same share and decodes the same images, so a broken image is skipped on every pipeline stage
-alike). Per image, at most one question of each kind ``caption_to_bbox`` (grounding),
-``bbox_to_caption`` and ``bbox_to_ocr``: the annotation drawn by the training draw's generator
-(``region_qa.sample_rng`` of the run's seed and the sample key), the kind's first paraphrase so
-every evaluation asks the same way, boxes encoded by the run's ``BoxCodec``, the prompt rendered
-by the run's chat template (``encode_prompt``: the image block, the question, the assistant
-header). Each question is its own request (the image's tokens repeat), so no answer is visible
-to another question.
+data-parallel ranks (``heldout``: dealing, skips, answers). Per image, at most one question of
+each kind ``caption_to_bbox`` (grounding), ``bbox_to_caption`` and ``bbox_to_ocr``: the
+annotation drawn by the training draw's generator (``region_qa.sample_rng`` of the run's seed and
+the sample key), the kind's first paraphrase so every evaluation asks the same way, boxes encoded
+by the run's ``BoxCodec``, the prompt rendered by the run's chat template (``encode_prompt``: the
+image block, the question, the assistant header). Each question is its own request (the image's
+tokens repeat), so no answer is visible to another question.
 
-Answers: ``evaluation.generation.greedy_generate`` at the run's layout, packs of the training
-budgets (``llm_tokens`` / ``vit_tokens``), ``eval_max_new_tokens`` at most, stopping at
-``<|im_end|>`` / ``<|endoftext|>``; the text is decoded and stripped.
+Answers: greedy decoding at the run's layout (``heldout.greedy_answers``).
 
 Metrics (``evaluation.region_qa``): every rank gathers all ranks' answers (a few strings and boxes
 per image) and scores them, so each rank returns the same dict and the baselines (mean box, most
@@ -30,11 +26,12 @@ import dataclasses
 from typing import Sequence
 
 from megatron_finevit.data.tasks.boxes import Box, BoxCodec
-from megatron_finevit.data.tasks.chat import IM_END, PAD_TOKEN
 from megatron_finevit.data.tasks.region_qa import (BBOX_TO_CAPTION, BBOX_TO_OCR, CAPTION_TO_BBOX,
                                                    PARAPHRASES, annotation_pools,
                                                    question_and_answer, sample_rng)
 from megatron_finevit.evaluation.region_qa import GroundingItem, grounding_metrics, text_metrics
+from megatron_finevit.training.stages.heldout import (gather_over_data_parallel, greedy_answers,
+                                                      held_out_requests)
 
 EVAL_KINDS = (CAPTION_TO_BBOX, BBOX_TO_CAPTION, BBOX_TO_OCR)
 EVAL_DRAW_STEP = 0  # the draw's "epoch": held-out images are never drawn for training
@@ -111,76 +108,26 @@ def evaluate_align(stage, model_chunks: list, eval_dir: str,
     ``codec``, ``vl``, ``norm`` and ``cfg`` (``eval_max_new_tokens``, default 24;
     ``data.use_draft``, default False); megatron's parallel state is initialised.
     """
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    from megatron_finevit.evaluation.generation import greedy_generate
-
-    requests, questions, hws, skipped = _requests(stage, eval_dir, max_images)
-    template = stage.template
-    ids = greedy_generate(
-        model_chunks, requests, max_new_tokens=_max_new_tokens(stage),
-        seq_length=stage.data_config.llm_tokens, vit_tokens=stage.data_config.vit_tokens,
-        vocab_size=stage.vl.llm.vocab_size, pad_id=template.pad_id,
-        image_token_id=stage.vl.image_token_id,
-        stop_ids=(template.tokenizer.token_id(IM_END), template.tokenizer.token_id(PAD_TOKEN)))
-    local = ([EvalAnswer(q.kind, q.truth, q.box, hw, template.tokenizer.decode(out).strip())
-              for q, hw, out in zip(questions, hws, ids)], skipped)
-    shares = [local]
-    if ps.get_data_parallel_world_size() > 1:
-        shares = [None] * ps.get_data_parallel_world_size()
-        dist.all_gather_object(shares, local, group=ps.get_data_parallel_group())
-    return align_metrics([a for answers, _ in shares for a in answers], stage.codec,
-                         sum(count for _, count in shares))
-
-
-def _max_new_tokens(stage) -> int:
-    return int(getattr(stage.cfg, "eval_max_new_tokens", 24))
-
-
-def _requests(stage, eval_dir: str, max_images: int | None):
-    """This data-parallel rank's generation requests, their questions and resized sizes (one per
-    request), and the number of images skipped."""
-    from megatron.core import parallel_state as ps
-
-    from megatron_finevit.data.bad_samples import BadSampleCounter, BadSampleError
-    from megatron_finevit.data.decode_pil import decode_pil
     from megatron_finevit.data.index import load_index
-    from megatron_finevit.data.loader import SampleReader
     from megatron_finevit.data.tasks.multimodal import image_llm_tokens
-    from megatron_finevit.evaluation.generation import GenerationRequest
 
     config, template = stage.data_config, stage.template
-    use_draft = bool(getattr(getattr(stage.cfg, "data", None), "use_draft", False))
-    max_new_tokens = _max_new_tokens(stage)
-    index = load_index(eval_dir)
-    reader = SampleReader(index)
-    counter = BadSampleCounter(name=f"align eval {eval_dir}")
-    selected = range(min(len(index), len(index) if max_images is None else max_images))
-    requests, questions, hws = [], [], []
-    try:
-        for sample in selected[ps.get_data_parallel_rank()::ps.get_data_parallel_world_size()]:
-            key = str(index.key[sample])
-            try:
-                image_bytes, meta = reader.read(sample)
-                image = decode_pil(image_bytes, config.policy, stage.norm, use_draft=use_draft)
-            except BadSampleError as err:
-                counter.skip_error(err, member=key)
-                continue
-            hw = tuple(image.shape[1:])
-            asked = eval_questions(meta, original_hw=(meta["height"], meta["width"]),
-                                   resized_hw=hw, codec=stage.codec, seed=config.seed, key=key,
-                                   kinds=getattr(stage.cfg, "eval_kinds", EVAL_KINDS))
-            image_requests = [GenerationRequest(image, template.encode_prompt(
-                q.question, image_llm_tokens(image))) for q in asked]
-            if not all(r.fits(max_new_tokens, config.llm_tokens, config.vit_tokens)
-                       for r in image_requests):
-                counter.skip("oversize", member=key, detail="a question does not fit a pack")
-                continue
-            counter.ok()
-            requests += image_requests
-            questions += asked
-            hws += [hw] * len(asked)
-    finally:
-        reader.close()
-    return requests, questions, hws, counter.num_skipped
+
+    def ask(key, meta, images):
+        image = images[0]
+        hw = tuple(image.shape[1:])
+        asked = eval_questions(meta, original_hw=(meta["height"], meta["width"]), resized_hw=hw,
+                               codec=stage.codec, seed=config.seed, key=key,
+                               kinds=getattr(stage.cfg, "eval_kinds", EVAL_KINDS))
+        return [((q, hw), template.encode_prompt(q.question, image_llm_tokens(image)), image)
+                for q in asked]
+
+    count = len(load_index(eval_dir))
+    rows = range(min(count, count if max_images is None else max_images))
+    requests, questions, skipped = held_out_requests(stage, eval_dir, rows, ask, "align eval")
+    answers = greedy_answers(stage, model_chunks, requests)
+    shares = gather_over_data_parallel(
+        ([EvalAnswer(q.kind, q.truth, q.box, hw, text)
+          for (q, hw), text in zip(questions, answers)], skipped))
+    return align_metrics([a for answers, _ in shares for a in answers], stage.codec,
+                         sum(count for _, count in shares))
