@@ -52,6 +52,20 @@ def saved_run(ckpt_dir: Path) -> dict:
     return dist_checkpointing.load_common_state_dict(str(latest))["common"]
 
 
+def check_saved_layout(ckpt_dir: Path, config: str, **parallel) -> dict:
+    """Assert that the run saved in ``ckpt_dir`` ran at the ``parallel`` section of the YAML
+    ``config`` (relative to the repository) with ``parallel`` overridden, on two tasks (DP: what
+    TP x PP x CP leaves of them); returns the saved run config."""
+    import yaml
+
+    layout = {**yaml.safe_load((REPO / config).read_text())["parallel"], **parallel}
+    tp, pp, cp = (layout[f"{kind}_parallel"] for kind in ("tensor", "pipeline", "context"))
+    run = saved_run(ckpt_dir)
+    assert run["layout"] == {"tp": tp, "pp": pp, "cp": cp, "dp": 2 // (tp * pp * cp)}
+    assert run["config"]["parallel"]["sequence_parallel"] == layout["sequence_parallel"]
+    return run["config"]
+
+
 def wait_for_log(path: Path, pattern: str, timeout_s: float) -> None:
     """Return once ``pattern`` appears in the file ``path``; TimeoutError with its tail if not."""
     deadline = time.monotonic() + timeout_s

@@ -1,12 +1,13 @@
 """The SFT sbatch files themselves on the local Slurm cluster (``testing.local_slurm``):
 ``slurm/sft_phase1.sbatch``, ``slurm/sft_phase2.sbatch`` with its two recipes (CONFIG unset:
-``examples/sft_phase2.yaml``, TP2 + SP; CONFIG=examples/sft_phase2_8b.yaml, CP) and
+``examples/sft_phase2.yaml``; CONFIG=examples/sft_phase2_8b.yaml, CP) and
 ``slurm/sft_ablation.sbatch`` with CONFIG=examples/sft_ablation_frozen_vit.yaml.
 
 Each file is submitted as a user submits it (``slurm_jobs.run_sbatch``: one node, two tasks, the
 file's YAML made tiny by config overrides — the models and packs of
 ``testing.stage_assets.tiny_sft_run`` over synthetic conversations, fp32, no evaluation; the
-YAML's layout, phase and module policies stay unless two CPU tasks cannot hold them) and chained
+YAML's layout, phase and module policies stay unless two CPU tasks cannot hold them, checked in
+the saved checkpoint; the overlap of gradient reduction is off, see ``NO_OVERLAP``) and chained
 as the recipes chain: a one-step tiny Stage III run -> phase I -> phase II (both recipes); the
 ablation starts from the Stage III run too (a whole FineViT-VL, as its projector warm-up would
 be). Every job trains ``STEPS`` steps on both tasks, logs each step's loss and the per-kind
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from slurm_jobs import as_overrides, check_uninterrupted, run_sbatch, saved_run
+from slurm_jobs import as_overrides, check_saved_layout, check_uninterrupted, run_sbatch
 
 from megatron_finevit.testing.local_slurm import missing
 from megatron_finevit.testing.multirank import run_world
@@ -55,11 +56,24 @@ def sft_assets(tmp_path_factory):
     return assets
 
 
-def sft_overrides(assets: dict, ckpt: Path, load_dir: str, **values) -> list[str]:
+# The YAMLs' overlap_grad_reduce (+ overlap_param_gather) fails whenever the encoder gets no
+# gradient in a step's last micro-batch: megatron's DDP then never sees its parameters "grad
+# ready", never issues the bucket's reduce and asserts in finish_grad_sync / zero_grad_buffer. The
+# SFT (align) stage has no zero-weight touch of the parameters a backward misses (the contrastive
+# stage has one, ``_grad_ready_touch``), so a frozen ViT (sft_ablation_frozen_vit.yaml) fails at
+# step 1 or 2, and so does a text-only pack (no ViT side) last in a step — where one falls depends
+# on the packing (the CP2 run's packs, padded to 2·cp, put one there). The jobs run without the
+# overlap until the stage is fixed; ``test_sft_ablation_sbatch_as_written`` shows the failure.
+NO_OVERLAP = {"parallel.overlap_grad_reduce": False, "parallel.overlap_param_gather": False}
+
+
+def sft_overrides(assets: dict, ckpt: Path, load_dir: str, overlap: bool = False,
+                  **values) -> list[str]:
     """Config overrides turning an SFT YAML into a tiny fp32 CPU run of ``STEPS`` steps from
     ``load_dir``: the models and packs of ``tiny_sft_run`` (each ``stage_config`` entry replaces
     the YAML's whole value, so the ``te`` specs go), the bundled Qwen tokenizer, no held-out
-    evaluation; ``values`` on top (a layout two tasks can hold)."""
+    evaluation, no overlap of gradient reduction unless ``overlap`` (``NO_OVERLAP``); ``values``
+    on top (a layout two tasks can hold)."""
     tiny = tiny_sft_run(assets, STEPS)
     stage = {**tiny.stage_config, "tokenizer_dir": None, "eval_data_dir": None}
     return as_overrides({
@@ -68,21 +82,21 @@ def sft_overrides(assets: dict, ckpt: Path, load_dir: str, **values) -> list[str
         "checkpoint.dir": str(ckpt), "checkpoint.load_dir": load_dir,
         "logging.log_interval": 1, "logging.tensorboard_dir": None,
         "logging.progress_bar": False, "eval.at_start": False, "eval.at_end": False,
+        **({} if overlap else NO_OVERLAP),
         **{f"stage_config.{key}": value for key, value in stage.items()}, **values})
 
 
-def check_sft_job(text: str, ckpt: Path, phase: int, **layout: int) -> dict:
+def check_sft_job(text: str, ckpt: Path, config: str, phase: int, **parallel) -> dict:
     """Two tasks, steps 1..STEPS with their losses, the per-kind losses of the SFT stage (image
     and text-only conversations are in every run's data), the last step saved by a run of this
-    ``phase`` at this ``layout`` (tp, pp, cp, dp: what the YAML and the overrides make of two
-    tasks). Returns the saved run config."""
+    ``phase`` at the YAML ``config``'s layout with ``parallel`` overridden (DP: the rest of the
+    two tasks). Returns the saved run config."""
     check_uninterrupted(text, STEPS)
     assert "loss_image" in text and "loss_text" in text, text[-3000:]
     assert (ckpt / "latest").read_text().strip().endswith(f"iter_{STEPS:07d}"), text[-3000:]
-    run = saved_run(ckpt)
-    assert run["layout"] == {"tp": 1, "pp": 1, "cp": 1, "dp": 1, **layout}, run["layout"]
-    assert (run["config"]["stage"], run["config"]["stage_config"]["phase"]) == ("sft", phase)
-    return run["config"]
+    run = check_saved_layout(ckpt, config, **parallel)
+    assert (run["stage"], run["stage_config"]["phase"]) == ("sft", phase)
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -107,55 +121,47 @@ def _model_tensors(run_dir: str | Path) -> dict[str, torch.Tensor]:
 
 def test_sft_phase1_sbatch_trains_from_stage3(phase1, sft_assets):
     text, ckpt = phase1
-    check_sft_job(text, ckpt, phase=1, dp=2)
+    check_sft_job(text, ckpt, "examples/sft_phase1.yaml", phase=1)
     # every weight came from the Stage III run (checkpoint.load_dir), on both tasks
     start = re.escape(f"initialised weights from {sft_assets['stage3']}/iter_0000001; "
                       "0 tensors kept their fresh initialisation")
     assert len(re.findall(start, text)) == 2, text[-3000:]
 
 
-# The YAMLs' overlap_grad_reduce (+ overlap_param_gather) fails whenever the encoder gets no
-# gradient in a step's last micro-batch: megatron's DDP then never sees its parameters "grad
-# ready", never issues the bucket's reduce and asserts in finish_grad_sync / zero_grad_buffer. The
-# SFT (align) stage has no zero-weight touch of the parameters a backward misses (the contrastive
-# stage has one, ``_grad_ready_touch``), so a frozen ViT (sft_ablation_frozen_vit.yaml) fails at
-# step 1 or 2 and a text-only pack last in a step (no ViT side) fails too — the CP2 run's packs
-# (padded to 2·cp) put one there. Those jobs run without the overlap until the stage is fixed;
-# ``test_sft_ablation_sbatch_as_written`` shows the failure.
-NO_OVERLAP = {"parallel.overlap_grad_reduce": False, "parallel.overlap_param_gather": False}
-
-# Phase II on two tasks (sbatch environment, overrides, the layout it runs at): the default
-# recipe keeps its TP2 + SP (DP1); the 8B recipe's TP4 x CP2 becomes TP1 x CP2 (its sequence
-# parallelism needs TP > 1).
-PHASE2 = {"default": ({}, {}, {"tp": 2}),
-          "8b_cp2": ({"CONFIG": "examples/sft_phase2_8b.yaml"},
-                     {"parallel.tensor_parallel": 1, "parallel.context_parallel": 2,
-                      "parallel.sequence_parallel": False, **NO_OVERLAP}, {"cp": 2})}
+# Phase II on two tasks (sbatch environment, YAML, layout overrides): the default recipe keeps
+# its YAML's layout; the 8B recipe's TP4 x CP2 becomes TP1 x CP2 (its sequence parallelism needs
+# TP > 1).
+PHASE2 = {"default": ({}, "examples/sft_phase2.yaml", {}),
+          "8b_cp2": ({"CONFIG": "examples/sft_phase2_8b.yaml"}, "examples/sft_phase2_8b.yaml",
+                     {"tensor_parallel": 1, "context_parallel": 2, "sequence_parallel": False})}
 
 
 @pytest.mark.parametrize("recipe", list(PHASE2))
 def test_sft_phase2_sbatch_trains_from_phase1(slurm, sft_assets, phase1, tmp_path, recipe):
-    env, overrides, layout = PHASE2[recipe]
+    env, config, parallel = PHASE2[recipe]
     ckpt = tmp_path / "job" / "ckpt"
+    overrides = {f"parallel.{key}": value for key, value in parallel.items()}
     text = run_sbatch(slurm, "sft_phase2.sbatch", tmp_path / "job",
                       sft_overrides(sft_assets, ckpt, str(phase1[1]), **overrides), **env)
-    run = check_sft_job(text, ckpt, phase=2, **layout)
-    assert run["parallel"]["sequence_parallel"] == (recipe == "default")
+    check_sft_job(text, ckpt, config, phase=2, **parallel)
     assert re.search(rf"initialised weights from {re.escape(str(phase1[1]))}/iter_{STEPS:07d}; "
                      "0 tensors kept", text), text[-3000:]
 
 
-def _ablation_job(slurm, sft_assets, root: Path, **values) -> tuple[str, Path]:
+ABLATION = "examples/sft_ablation_frozen_vit.yaml"
+
+
+def _ablation_job(slurm, sft_assets, root: Path, overlap: bool = False) -> tuple[str, Path]:
     ckpt = root / "ckpt"
     text = run_sbatch(slurm, "sft_ablation.sbatch", root,
-                      sft_overrides(sft_assets, ckpt, sft_assets["stage3"], **values),
-                      CONFIG="examples/sft_ablation_frozen_vit.yaml")
+                      sft_overrides(sft_assets, ckpt, sft_assets["stage3"], overlap),
+                      CONFIG=ABLATION)
     return text, ckpt
 
 
 def test_sft_ablation_sbatch_frozen_vit(slurm, sft_assets, tmp_path):
-    text, ckpt = _ablation_job(slurm, sft_assets, tmp_path / "job", **NO_OVERLAP)
-    run = check_sft_job(text, ckpt, phase=1, dp=2)
+    text, ckpt = _ablation_job(slurm, sft_assets, tmp_path / "job")
+    run = check_sft_job(text, ckpt, ABLATION, phase=1)
     assert run["stage_config"]["vit_policy"]["train_from"] is None
     # the recipe's point: the encoder is frozen (vit_policy train_from null), the rest trains
     before, after = _model_tensors(sft_assets["stage3"]), _model_tensors(ckpt)
@@ -168,4 +174,5 @@ def test_sft_ablation_sbatch_frozen_vit(slurm, sft_assets, tmp_path):
                    "(no zero-weight grad-ready touch of the frozen encoder in the align/SFT "
                    "stage; see NO_OVERLAP)")
 def test_sft_ablation_sbatch_as_written(slurm, sft_assets, tmp_path):
-    check_sft_job(*_ablation_job(slurm, sft_assets, tmp_path / "job"), phase=1, dp=2)
+    check_sft_job(*_ablation_job(slurm, sft_assets, tmp_path / "job", overlap=True), ABLATION,
+                  phase=1)

@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 
 import pytest
-from slurm_jobs import as_overrides, check_uninterrupted, run_sbatch, saved_run
+from slurm_jobs import as_overrides, check_saved_layout, check_uninterrupted, run_sbatch
 
 from megatron_finevit.testing.local_slurm import missing
 from megatron_finevit.testing.stage_assets import make_stage_assets, tiny_run
@@ -49,14 +49,12 @@ def tiny_overrides(stage: str, assets: dict, ckpt: Path, **values) -> list[str]:
         **{f"stage_config.{key}": value for key, value in tiny.stage_config.items()}, **values})
 
 
-def check_job(text: str, ckpt: Path, **layout: int) -> dict:
-    """Two tasks, steps 1..STEPS with their losses, the last step saved by a run at this
-    ``layout`` (tp, pp, cp, dp). Returns the saved run config."""
+def check_job(text: str, ckpt: Path, config: str) -> dict:
+    """Two tasks, steps 1..STEPS with their losses, the last step saved by a run at the layout of
+    the YAML ``config``. Returns the saved run config."""
     check_uninterrupted(text, STEPS)
     assert (ckpt / "latest").read_text().strip().endswith(f"iter_{STEPS:07d}"), text[-3000:]
-    run = saved_run(ckpt)
-    assert run["layout"] == {"tp": 1, "pp": 1, "cp": 1, "dp": 1, **layout}, run["layout"]
-    return run["config"]
+    return check_saved_layout(ckpt, config)
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +65,9 @@ def stage1(slurm, assets, tmp_path_factory):
     return run_sbatch(slurm, "stage1_mim.sbatch", root, tiny_overrides("mim", assets, ckpt)), ckpt
 
 
-def test_stage1_sbatch_trains_at_pp2(stage1):
+def test_stage1_sbatch_trains(stage1):
     text, ckpt = stage1
-    run = check_job(text, ckpt, pp=2)  # the YAML's PP2: DP1 on two tasks
+    run = check_job(text, ckpt, "examples/stage1_mim.yaml")
     assert (run["stage"], run["stage_config"]["mask_ratio"]) == ("mim", 0.75)
     assert "masked_tokens" in text, text[-3000:]  # the MIM stage's metrics
 
@@ -83,7 +81,7 @@ def test_stage2_sbatch_trains_from_stage1(slurm, assets, stage1, tmp_path):
                                         "stage_config.text": "tiny_text",
                                         "stage_config.text_init_dir": None,
                                         "stage_config.eval_data_dir": None}))
-    run = check_job(text, ckpt, dp=2)
+    run = check_job(text, ckpt, "examples/stage2_contrastive.yaml")
     assert (run["stage"], run["stage_config"]["loss_scope"]) == ("contrastive", "step")
     assert re.search(rf"initialised weights from {re.escape(str(stage1[1]))}/iter_{STEPS:07d}",
                      text), text[-3000:]
