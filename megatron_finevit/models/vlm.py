@@ -207,7 +207,27 @@ class FineViTVLModel(MegatronModule):
             embeds = embeds.transpose(0, 1).contiguous()
         elif placeholders.any():
             raise ValueError("input_ids contain image tokens but no image was given")
+        untouched = self._modules_without_gradient(images)
+        if untouched and torch.is_grad_enabled():
+            embeds = embeds + _zero_touch(untouched).to(embeds.dtype)
         return embeds
+
+    def _modules_without_gradient(self, images: PackedImages | None) -> list[torch.nn.Module]:
+        """The first stage's modules this forward would give no gradient: the encoder and the
+        projector for a pack of text-only samples, the encoder when it runs frozen."""
+        if images is None:
+            return [self.encoder, self.projector]
+        return [] if self.encoder_trainable else [self.encoder]
+
+
+def _zero_touch(modules: list[torch.nn.Module]) -> torch.Tensor:
+    """A scalar 0 that depends on every parameter of ``modules``, so that each gets a (zero)
+    gradient in every micro-batch. Megatron's DDP with ``overlap_grad_reduce`` launches a bucket's
+    reduction once all its parameters reported a gradient as many times as in the first step;
+    a micro-batch in which the encoder had no gradient (a pack of text-only samples, a frozen
+    encoder under ``no_grad``) would leave its buckets unlaunched and fail the step. The cost is
+    one read of those parameters and a zero gradient into their buffers per micro-batch."""
+    return sum(p.sum() for m in modules for p in m.parameters()) * 0.0
 
 
 def _cp_bounds(seq_length: int, packed_seq_params: PackedSeqParams | None) -> list[int]:

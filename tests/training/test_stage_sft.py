@@ -8,6 +8,8 @@ text only, a ``<think>`` answer, multi-turn).
   packs, every conversation padded to 2·cp tokens); packs of text-only samples have no ViT side on
   any layout.
 * Resume: stopped after 2 of 4 steps and resumed gives the uninterrupted losses bit for bit.
+* megatron's ``overlap_grad_reduce`` (the paper YAMLs') with steps whose micro-batch gives the
+  encoder no gradient — a text-only pack, a frozen encoder — gives the losses without it.
 * Per-kind losses are logged; config errors (no weight source, an unknown phase) are listed.
 """
 
@@ -83,6 +85,9 @@ def single_rank_world(rank, world_size, assets, dirs):
     out["pack_kinds"] = _pack_kinds(trainer.stage._loader(assets["sft"], 0, 1))
     loader = trainer.stage._loader(assets["sft"], 0, 1)  # what the DP1 layouts' steps read
     out["text_only_pack_in_steps"] = any(next(loader).images is None for _ in range(2 * STEPS))
+    dp_loaders = [trainer.stage._loader(assets["sft"], r, 2) for r in range(2)]
+    out["text_only_pack_at_dp2"] = any(next(dp_loaders[r]).images is None
+                                       for _ in range(STEPS) for r in range(2))
     return out
 
 
@@ -102,6 +107,12 @@ def layouts_world(rank, world_size, assets, dirs):
     for name, layout in LAYOUTS.items():
         out[name] = [m.get("loss") for m in
                      _metrics(Trainer(_config(assets, STEPS, dirs["stage3"], layout)), STEPS)]
+    for name, overlap, vit_policy in (("frozen", False, {"train_from": None}),
+                                      ("frozen_overlap", True, {"train_from": None}),
+                                      ("overlap", True, {"train_from": 0})):
+        cfg = _config(assets, STEPS, dirs["stage3"], vit_policy=vit_policy)
+        cfg.parallel.overlap_grad_reduce = overlap
+        out[name] = [m.get("loss") for m in _metrics(Trainer(cfg), STEPS)]
     out["uninterrupted"] = Trainer(_config(assets, RESUME_STEPS, dirs["stage3"])).train()["losses"]
     cfg = _config(assets, RESUME_STEPS, dirs["stage3"])
     cfg.checkpoint.dir = dirs["resume"]
@@ -174,3 +185,15 @@ def test_config_problems_are_listed_together(tmp_path):
                       allow_random_init=True)
     ok.stage_config["data"].pop("llm_tokens")
     assert SFTStage(ok).cfg.data.llm_tokens == 10240  # the phase's default (paper B.1)
+
+
+def test_overlapped_grad_reduce_with_steps_that_skip_the_encoder(runs):
+    """A text-only pack is some rank's only micro-batch in these steps (checked), and a frozen
+    encoder runs under no_grad: with overlap_grad_reduce megatron would wait for their gradients;
+    the model gives them zeros, so the losses equal those without the overlap."""
+    single, pair = runs
+    assert single["text_only_pack_at_dp2"]
+    for rank_result in pair:
+        assert rank_result["overlap"] == pytest.approx(rank_result["dp2"], rel=1e-6)
+        assert rank_result["frozen_overlap"] == pytest.approx(rank_result["frozen"], rel=1e-6)
+        assert rank_result["frozen"] != rank_result["dp2"]  # the policy took effect
