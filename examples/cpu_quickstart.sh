@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # The CPU quick start (the README's main job): FineViT Stage I (MIM against a tiny DINOv3 teacher),
-# Stage II (SigLIP contrastive, initialised from Stage I) and Stage III (LLM alignment on region QA
-# with a tiny random Qwen3, from Stage II's encoder) on 2 gloo ranks, with held-out image<->text
-# retrieval before and after Stage II and held-out grounding before and after Stage III.
+# Stage II (SigLIP contrastive, initialised from Stage I), Stage III (LLM alignment on region QA
+# with a tiny random Qwen3, from Stage II's encoder) and SFT phase I (synthetic VQA conversations,
+# from the whole Stage III model) on 2 gloo ranks, with held-out image<->text retrieval before and
+# after Stage II, held-out grounding before and after Stage III and held-out VQA before and after
+# SFT.
 #
 #   bash examples/cpu_quickstart.sh [RUN_DIR]      (default runs/quickstart; data is reused)
 #
-# Fails unless Stage II's retrieval R@1 is at least 5x chance and Stage III's region-caption
-# exact match at least 2x the most-frequent-answer baseline.
+# Fails unless Stage II's retrieval R@1 is at least 5x chance, Stage III's region-caption exact
+# match at least 2x the most-frequent-answer baseline and SFT's VQA accuracy at least 1.3x the
+# majority-answer baseline.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -37,7 +40,7 @@ if ! grep -qs '"hidden_size": 128' "$RUN/qwen3_hf/config.json"; then
 fi
 [ -f "$RUN/qwen3_mcore/model_config.json" ] || $PY tools/convert_checkpoint.py hf-to-mcore \
   --model qwen3 --hf-dir "$RUN/qwen3_hf" --mcore-dir "$RUN/qwen3_mcore" >/dev/null
-rm -rf "$RUN/stage1" "$RUN/stage2" "$RUN/stage3"
+rm -rf "$RUN/stage1" "$RUN/stage2" "$RUN/stage3" "$RUN/sft_phase1"
 
 paths="stage_config.data.dir=$RUN/data/train"
 # 4. Stage I: masked image modelling, DP=2
@@ -69,7 +72,24 @@ $PY -m megatron_finevit.evaluate --checkpoint "$RUN/stage2" --config examples/st
 $PY -m megatron_finevit.evaluate --checkpoint "$RUN/stage3" --data "$RUN/data/align_eval" --task align \
   --json "$RUN/align_after.json" >/dev/null
 
-# 9. the tables
+# 9. SFT: synthetic VQA conversations about the grounding set's images (count the shapes, the
+#    colour of a named shape, read the word; some text-only), phase I tiny (DP=2) from the whole
+#    Stage III model, held-out VQA before and after
+for split in "vqa_train align_train train 0" "vqa_eval align_eval eval 1"; do
+  set -- $split
+  [ -f "$RUN/data/$1/index.zarr/zarr.json" ] || $PY tools/make_synthetic_vqa.py \
+    --source "$RUN/data/$2" --out "$RUN/data/$1" --split "$3" --seed "$4" >/dev/null
+done
+sft="stage_config.data.dir=$RUN/data/vqa_train stage_config.eval_data_dir=$RUN/data/vqa_eval
+     checkpoint.load_dir=$RUN/stage3"
+$PY -m megatron_finevit.evaluate --checkpoint "$RUN/stage3" --config examples/sft_phase1_tiny.yaml \
+  --data "$RUN/data/vqa_eval" --task vqa --json "$RUN/vqa_before.json" $sft >/dev/null
+.venv/bin/torchrun --nproc-per-node 2 -m megatron_finevit.train --config examples/sft_phase1_tiny.yaml \
+  $sft checkpoint.dir="$RUN/sft_phase1"
+$PY -m megatron_finevit.evaluate --checkpoint "$RUN/sft_phase1" --data "$RUN/data/vqa_eval" --task vqa \
+  --json "$RUN/vqa_after.json" >/dev/null
+
+# 10. the tables
 $PY - "$RUN" "$(( $(date +%s) - start ))" <<'PYEOF'
 import json, sys
 run, seconds = sys.argv[1], int(sys.argv[2])
@@ -101,10 +121,24 @@ print(f"align_grounding_acc={after3['grounding_acc']:.4f}")
 print(f"align_grounding_baseline={after3['grounding_baseline']:.4f}")
 print(f"align_region_caption_em={after3['region_caption_em']:.4f}")
 print(f"align_region_caption_baseline_em={after3['region_caption_baseline_em']:.4f}")
+before4, after4 = (json.load(open(f"{run}/vqa_{w}.json")) for w in ("before", "after"))
+print(f"\nheld-out VQA after SFT ({int(after4['vqa_n'])} questions, exact match):")
+print(f"{'':24s}{'before':>8s}{'after':>8s}{'baseline':>10s}")
+for kind in sorted(k[len("vqa_n_"):] for k in after4 if k.startswith("vqa_n_")) + [""]:
+    suffix = f"_{kind}" if kind else ""
+    label = f"{kind} ({int(after4['vqa_n' + suffix])})" if kind else "all"
+    print(f"{label:24s}" + "".join(f"{100 * r['vqa_acc' + suffix]:7.1f}%" for r in (before4, after4))
+          + f"{100 * after4['vqa_baseline' + suffix]:9.1f}%")
+print("(baseline: the most frequent answer of each kind)")
+print(f"sft_vqa_acc_before={before4['vqa_acc']:.4f}")
+print(f"sft_vqa_acc={after4['vqa_acc']:.4f}")
+print(f"sft_vqa_baseline={after4['vqa_baseline']:.4f}")
 print(f"wall time {seconds // 60} min {seconds % 60} s")
 if after["i2t_r1"] < 5 / n or after["t2i_r1"] < 5 / n:
     sys.exit("retrieval R@1 is not well above chance: the run did not learn")
 if after3["region_caption_em"] < 2 * after3["region_caption_baseline_em"]:
     sys.exit("Stage III region captions are not well above the most-frequent answer: the LLM "
              "does not read the image")
+if after4["vqa_acc"] < 1.3 * after4["vqa_baseline"]:
+    sys.exit("SFT's held-out VQA accuracy is not well above the majority answer")
 PYEOF

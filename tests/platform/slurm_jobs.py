@@ -55,14 +55,16 @@ def saved_run(ckpt_dir: Path) -> dict:
 def check_saved_layout(ckpt_dir: Path, config: str, **parallel) -> dict:
     """Assert that the run saved in ``ckpt_dir`` ran at the ``parallel`` section of the YAML
     ``config`` (relative to the repository) with ``parallel`` overridden, on two tasks (DP: what
-    TP x PP x CP leaves of them); returns the saved run config."""
+    TP x PP x CP leaves of them; SP and the DP overlaps as set); returns the saved run config."""
     import yaml
 
     layout = {**yaml.safe_load((REPO / config).read_text())["parallel"], **parallel}
     tp, pp, cp = (layout[f"{kind}_parallel"] for kind in ("tensor", "pipeline", "context"))
     run = saved_run(ckpt_dir)
     assert run["layout"] == {"tp": tp, "pp": pp, "cp": cp, "dp": 2 // (tp * pp * cp)}
-    assert run["config"]["parallel"]["sequence_parallel"] == layout["sequence_parallel"]
+    saved = run["config"]["parallel"]
+    for key in ("sequence_parallel", "overlap_grad_reduce", "overlap_param_gather"):
+        assert saved[key] == layout.get(key, False), (key, saved[key])
     return run["config"]
 
 

@@ -7,7 +7,7 @@ Each file is submitted as a user submits it (``slurm_jobs.run_sbatch``: one node
 file's YAML made tiny by config overrides — the models and packs of
 ``testing.stage_assets.tiny_sft_run`` over synthetic conversations, fp32, no evaluation; the
 YAML's layout, phase and module policies stay unless two CPU tasks cannot hold them, checked in
-the saved checkpoint; the overlap of gradient reduction is off, see ``NO_OVERLAP``) and chained
+the saved checkpoint; the YAMLs' overlap of gradient reduction stays on) and chained
 as the recipes chain: a one-step tiny Stage III run -> phase I -> phase II (both recipes); the
 ablation starts from the Stage III run too (a whole FineViT-VL, as its projector warm-up would
 be). Every job trains ``STEPS`` steps on both tasks, logs each step's loss and the per-kind
@@ -56,24 +56,13 @@ def sft_assets(tmp_path_factory):
     return assets
 
 
-# The YAMLs' overlap_grad_reduce (+ overlap_param_gather) fails whenever the encoder gets no
-# gradient in a step's last micro-batch: megatron's DDP then never sees its parameters "grad
-# ready", never issues the bucket's reduce and asserts in finish_grad_sync / zero_grad_buffer. The
-# SFT (align) stage has no zero-weight touch of the parameters a backward misses (the contrastive
-# stage has one, ``_grad_ready_touch``), so a frozen ViT (sft_ablation_frozen_vit.yaml) fails at
-# step 1 or 2, and so does a text-only pack (no ViT side) last in a step — where one falls depends
-# on the packing (the CP2 run's packs, padded to 2·cp, put one there). The jobs run without the
-# overlap until the stage is fixed; ``test_sft_ablation_sbatch_as_written`` shows the failure.
-NO_OVERLAP = {"parallel.overlap_grad_reduce": False, "parallel.overlap_param_gather": False}
-
-
-def sft_overrides(assets: dict, ckpt: Path, load_dir: str, overlap: bool = False,
-                  **values) -> list[str]:
+def sft_overrides(assets: dict, ckpt: Path, load_dir: str, **values) -> list[str]:
     """Config overrides turning an SFT YAML into a tiny fp32 CPU run of ``STEPS`` steps from
     ``load_dir``: the models and packs of ``tiny_sft_run`` (each ``stage_config`` entry replaces
     the YAML's whole value, so the ``te`` specs go), the bundled Qwen tokenizer, no held-out
-    evaluation, no overlap of gradient reduction unless ``overlap`` (``NO_OVERLAP``); ``values``
-    on top (a layout two tasks can hold)."""
+    evaluation; the YAML's overlap of gradient reduction and parameter gather stays (a frozen
+    encoder or a text-only pack last in a step must not stall it); ``values`` on top (a layout
+    two tasks can hold)."""
     tiny = tiny_sft_run(assets, STEPS)
     stage = {**tiny.stage_config, "tokenizer_dir": None, "eval_data_dir": None}
     return as_overrides({
@@ -82,7 +71,6 @@ def sft_overrides(assets: dict, ckpt: Path, load_dir: str, overlap: bool = False
         "checkpoint.dir": str(ckpt), "checkpoint.load_dir": load_dir,
         "logging.log_interval": 1, "logging.tensorboard_dir": None,
         "logging.progress_bar": False, "eval.at_start": False, "eval.at_end": False,
-        **({} if overlap else NO_OVERLAP),
         **{f"stage_config.{key}": value for key, value in stage.items()}, **values})
 
 
@@ -151,16 +139,10 @@ def test_sft_phase2_sbatch_trains_from_phase1(slurm, sft_assets, phase1, tmp_pat
 ABLATION = "examples/sft_ablation_frozen_vit.yaml"
 
 
-def _ablation_job(slurm, sft_assets, root: Path, overlap: bool = False) -> tuple[str, Path]:
-    ckpt = root / "ckpt"
-    text = run_sbatch(slurm, "sft_ablation.sbatch", root,
-                      sft_overrides(sft_assets, ckpt, sft_assets["stage3"], overlap),
-                      CONFIG=ABLATION)
-    return text, ckpt
-
-
 def test_sft_ablation_sbatch_frozen_vit(slurm, sft_assets, tmp_path):
-    text, ckpt = _ablation_job(slurm, sft_assets, tmp_path / "job")
+    ckpt = tmp_path / "job" / "ckpt"
+    text = run_sbatch(slurm, "sft_ablation.sbatch", tmp_path / "job",
+                      sft_overrides(sft_assets, ckpt, sft_assets["stage3"]), CONFIG=ABLATION)
     run = check_sft_job(text, ckpt, ABLATION, phase=1)
     assert run["stage_config"]["vit_policy"]["train_from"] is None
     # the recipe's point: the encoder is frozen (vit_policy train_from null), the rest trains
@@ -168,11 +150,3 @@ def test_sft_ablation_sbatch_frozen_vit(slurm, sft_assets, tmp_path):
     assert before.keys() == after.keys()
     changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"projector", "llm"}, changed
-
-
-@pytest.mark.xfail(strict=True, reason="frozen ViT + overlap_grad_reduce: megatron's DDP asserts "
-                   "(no zero-weight grad-ready touch of the frozen encoder in the align/SFT "
-                   "stage; see NO_OVERLAP)")
-def test_sft_ablation_sbatch_as_written(slurm, sft_assets, tmp_path):
-    check_sft_job(*_ablation_job(slurm, sft_assets, tmp_path / "job", overlap=True), ABLATION,
-                  phase=1)
