@@ -39,7 +39,9 @@ class Stage(Protocol):
     (e.g. ratios of summed terms); for work before megatron's schedule,
     ``prepare_step(data, model_chunks, num_microbatches)`` returns the iterator the schedule
     reads (e.g. the step's micro-batches, fetched from ``data`` once and replayed) and may
-    accumulate gradients (the grad buffers are zeroed before it)."""
+    accumulate gradients (the grad buffers are zeroed before it). Virtual pipeline stages
+    (``parallel.virtual_pipeline_parallel``) need ``build_model(pre_process, post_process,
+    vp_stage=i)`` building chunk ``i`` of this pipeline rank (the FineViT-VL stages: align, sft).
 
     name: str
 
