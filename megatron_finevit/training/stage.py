@@ -41,7 +41,7 @@ class Stage(Protocol):
     reads (e.g. the step's micro-batches, fetched from ``data`` once and replayed) and may
     accumulate gradients (the grad buffers are zeroed before it). Virtual pipeline stages
     (``parallel.virtual_pipeline_parallel``) need ``build_model(pre_process, post_process,
-    vp_stage=i)`` building chunk ``i`` of this pipeline rank (the FineViT-VL stages: align, sft).
+    vp_stage=i)`` building chunk ``i`` of this pipeline rank (the FineViT-VL stages: align, sft)."""
 
     name: str
 
