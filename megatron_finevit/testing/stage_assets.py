@@ -140,6 +140,21 @@ def tiny_sft_run(assets: dict, steps: int, global_batch: int = 2, tp: int = 1, p
     return cfg
 
 
+
+def train_tiny_sft_and_evaluate(rank: int, world_size: int, assets: dict, ckpt_dir: str,
+                                steps: int = 2) -> dict:
+    """A ``run_world`` rank: ``steps`` SFT steps from random weights on ``assets["sft"]``, saved
+    to ``ckpt_dir``, then the trainer's own evaluation (``eval_data_dir=assets["eval"]``) of the
+    saved weights. Lives here, not in a test module, so spawned ranks import no test files."""
+    from megatron_finevit.training.trainer import Trainer
+
+    cfg = tiny_sft_run(assets, steps, allow_random_init=True, eval_data_dir=assets["eval"],
+                       eval_max_new_tokens=4)
+    cfg.checkpoint.dir = ckpt_dir
+    trainer = Trainer(cfg)
+    trainer.train()
+    return trainer.evaluate()
+
 class Interleaved:
     """One rank's iterator over the packs of several DP ranks' loaders, in turn."""
 

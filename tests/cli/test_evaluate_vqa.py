@@ -34,20 +34,6 @@ def test_vqa_table_puts_each_kind_beside_its_baseline():
         "(baseline: the most frequent answer of each kind; 1 samples skipped)"]
 
 
-def train_world(rank, world_size, assets, ckpt_dir):
-    """Two SFT steps from random weights on the VQA train split, saved; the trainer's own VQA
-    evaluation of the saved weights."""
-    from megatron_finevit.testing.stage_assets import tiny_sft_run
-    from megatron_finevit.training.trainer import Trainer
-
-    cfg = tiny_sft_run(assets, 2, allow_random_init=True, eval_data_dir=assets["eval"],
-                       eval_max_new_tokens=4)
-    cfg.checkpoint.dir = ckpt_dir
-    trainer = Trainer(cfg)
-    trainer.train()
-    return trainer.evaluate()
-
-
 def test_vqa_task_on_a_tiny_sft_checkpoint(tmp_path):
     import json
 
@@ -55,6 +41,7 @@ def test_vqa_task_on_a_tiny_sft_checkpoint(tmp_path):
     from megatron_finevit.data.synthetic import make_synthetic_shards
     from megatron_finevit.data.synthetic_vqa import write_vqa_shards
     from megatron_finevit.testing.multirank import run_world
+    from megatron_finevit.testing.stage_assets import train_tiny_sft_and_evaluate
 
     assets = {}
     for split, images, seed in (("train", 16, 0), ("eval", 6, 1)):
@@ -63,7 +50,7 @@ def test_vqa_task_on_a_tiny_sft_checkpoint(tmp_path):
         build_index(tmp_path / split, progress=False)
         assets[split] = str(tmp_path / split)
     assets["sft"] = assets["train"]
-    (in_training,) = run_world(train_world, 1, args=(assets, str(tmp_path / "ckpt")))
+    (in_training,) = run_world(train_tiny_sft_and_evaluate, 1, args=(assets, str(tmp_path / "ckpt")))
 
     proc = run_cli("-m", "megatron_finevit.evaluate", "--checkpoint", str(tmp_path / "ckpt"),
                    "--data", assets["eval"], "--task", "vqa", "--json", str(tmp_path / "vqa.json"))

@@ -146,7 +146,7 @@ def test_whole_checkpoint_and_preflight_messages(toy_checkpoint):
     assert common["train_state"]["step"] == 1
     assert find_problems(TrainConfig(stage="mimm"), 1).problems == [
         "stage: unknown stage 'mimm' (did you mean mim?); choose one of "
-        "['align', 'contrastive', 'mim', 'toy_lm']"]
+        "['align', 'contrastive', 'mim', 'sft', 'toy_lm']"]
     paper = load_config(TrainConfig, REPO / "examples/stage1_mim.yaml",
                         ["global_batch_size=320", "samples_per_step=0",
                          "parallel.pipeline_parallel=1"])
