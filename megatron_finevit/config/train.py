@@ -134,6 +134,10 @@ class TrainConfig:
     # Stage II's 336² -> 448² switch) gets the micro-batch count that holds this many samples
     # (training.batch_schedule), so the batch stays constant in samples through the switch
     samples_per_step: int = 0
+    # with samples_per_step: round the packs per DP rank up and fill them to the tokens that
+    # hold samples_per_step (every step within the packs' spread, < 1 / packs-per-rank padding);
+    # false: round the pack count, full packs (± half a pack per DP rank)
+    samples_per_step_fill: bool = True
     # set from samples_per_step at start-up: [[start_step, micro-batches], ...] after step 0
     global_batch_schedule: list = field(default_factory=list)
     precision: str = "auto"           # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32

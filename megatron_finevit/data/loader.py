@@ -55,6 +55,7 @@ from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -253,6 +254,9 @@ class PackedImageLoader:
             process, when a pack is asked for); DALI: its CPU threads (0 counts as 1; DALI always
             decodes ahead). Only ranks that decode pixels start them; ``close()`` stops them.
         dali_device: "cpu" or "mixed" (default: "mixed" iff CUDA is available).
+        fill_tokens: per phase, the tokens the sampler fills a pack with (default: all
+            ``pack_tokens``; fewer: the rest is padding). ``samples_per_step`` sets it so that a
+            step's whole packs hold the configured samples (``training.batch_schedule``).
     """
 
     def __init__(self, shard_dir, phases: list[tuple[int, ResizePolicy]], pack_tokens: int, *,
@@ -261,7 +265,8 @@ class PackedImageLoader:
                  decode_pixels: bool = True, decoder: str = "pil", use_draft: bool = False,
                  norm: Normalization = Normalization(), counter: BadSampleCounter | None = None,
                  token_multiple: int = 1, pipeline: PipelineGroup | None = None,
-                 num_workers: int = 0, dali_device: str | None = None):
+                 num_workers: int = 0, dali_device: str | None = None,
+                 fill_tokens: Sequence[int] | None = None):
         self.decoder, why = resolve_decoder(decoder)
         if not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"num_workers={num_workers!r} must be an integer >= 0 (0: decode "
@@ -275,6 +280,12 @@ class PackedImageLoader:
         self.index = load_index(shard_dir)
         self.reader = SampleReader(self.index)
         self.phases, self.pack_tokens = list(phases), int(pack_tokens)
+        self.fill_tokens = [int(t) for t in fill_tokens] if fill_tokens else \
+            [self.pack_tokens] * len(self.phases)
+        if len(self.fill_tokens) != len(self.phases) or \
+                not all(0 < t <= self.pack_tokens for t in self.fill_tokens):
+            raise ValueError(f"fill_tokens={self.fill_tokens} must give one budget in "
+                             f"(0, pack_tokens={self.pack_tokens}] per phase")
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
         self.buffer_size, self.min_fill, self.mask_ratio = buffer_size, min_fill, mask_ratio
         self.decode_pixels, self.norm, self.use_draft = decode_pixels, norm, use_draft
@@ -334,7 +345,8 @@ class PackedImageLoader:
         self.phase = phase
         sizes = policy_sizes(self.index, self.policy, self.pack_tokens + 1, self.token_multiple)
         self.sampler = PackedBatchSampler(
-            sizes, self.pack_tokens, buffer_size=self.buffer_size, seed=self.seed * 1000 + phase,
+            sizes, self.fill_tokens[phase], buffer_size=self.buffer_size,
+            seed=self.seed * 1000 + phase,
             dp_rank=self.dp_rank, dp_size=self.dp_size, min_fill=self.min_fill)
         self._sizes = sizes
 

@@ -35,14 +35,31 @@ def image_to_patches(image: torch.Tensor, patch_size: int = 14, merge_size: int 
                      ) -> tuple[torch.Tensor, tuple[int, int]]:
     """One image ``[C, H, W]`` -> patches ``[H/p · W/p, C·p·p]`` in merge-window-major order,
     and its patch grid ``(H/p, W/p)``."""
+    grid = patch_grid(image, patch_size, merge_size)
+    out = image.new_empty(grid[0] * grid[1], image.shape[0] * patch_size * patch_size)
+    write_patches(out, image, patch_size, merge_size)
+    return out, grid
+
+
+def patch_grid(image: torch.Tensor, patch_size: int = 14, merge_size: int = 2
+               ) -> tuple[int, int]:
+    """The patch grid ``(H/p, W/p)`` of an image ``[C, H, W]`` (sides checked)."""
     if image.dim() != 3:
         raise ValueError(f"expected an image [C, H, W], got shape {tuple(image.shape)}")
-    c, height, width = image.shape
+    _, height, width = image.shape
     check_image_size(height, width, patch_size * merge_size)
+    return height // patch_size, width // patch_size
+
+
+def write_patches(out: torch.Tensor, image: torch.Tensor, patch_size: int, merge_size: int
+                  ) -> None:
+    """Write an image ``[C, H, W]``'s patches into ``out`` ``[H/p · W/p, C·p·p]`` in one strided
+    copy (the loader's hot path: no intermediate tensor per image)."""
+    c, height, width = image.shape
     gh, gw, m, p = height // patch_size, width // patch_size, merge_size, patch_size
     # [C, H, W] -> [C, gh/m, m, p, gw/m, m, p] -> [gh/m, gw/m, m(row), m(col), C, p, p]
     blocks = image.reshape(c, gh // m, m, p, gw // m, m, p).permute(1, 4, 2, 5, 0, 3, 6)
-    return blocks.reshape(gh * gw, c * p * p), (gh, gw)
+    out.view(gh // m, gw // m, m, m, c, p, p).copy_(blocks)
 
 
 @dataclass
@@ -85,15 +102,21 @@ def pack_images(images: Sequence[torch.Tensor], patch_size: int = 14, merge_size
     ``pad_to`` appends a zero padding segment up to that many tokens (a fixed-size pack)."""
     if not images:
         raise ValueError("pack_images needs at least one image")
-    pieces, grids = zip(*(image_to_patches(img, patch_size, merge_size) for img in images))
-    lengths = [len(p) for p in pieces]
-    patches = torch.cat(pieces)
-    if pad_to is not None:
-        if pad_to < len(patches):
-            raise ValueError(f"{len(patches)} patches do not fit pad_to={pad_to}")
-        if pad_to > len(patches):
-            lengths.append(pad_to - len(patches))
-            patches = torch.cat([patches, patches.new_zeros(lengths[-1], patches.shape[1])])
+    grids = [patch_grid(img, patch_size, merge_size) for img in images]
+    lengths = [h * w for h, w in grids]
+    total = sum(lengths)
+    if pad_to is not None and pad_to < total:
+        raise ValueError(f"{total} patches do not fit pad_to={pad_to}")
+    rows = total if pad_to is None else pad_to
+    # one preallocated pack, each image written into its rows: no per-image tensors, no cat
+    patches = images[0].new_empty(rows, images[0].shape[0] * patch_size * patch_size)
+    start = 0
+    for image, length in zip(images, lengths):
+        write_patches(patches[start:start + length], image, patch_size, merge_size)
+        start += length
+    if rows > total:
+        lengths.append(rows - total)
+        patches[total:].zero_()
     cu_seqlens = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu_seqlens[1:] = torch.tensor(lengths).cumsum(0)
     return PackedImages(patches, cu_seqlens, torch.tensor(grids, dtype=torch.long))

@@ -277,7 +277,7 @@ class ContrastiveStage(VisionStage):
         from megatron.core import parallel_state as ps
 
         self.loader = self.make_loader(self.cfg.data.dir, dp_rank, dp_size,
-                                       decode_pixels=ps.is_pipeline_first_stage())
+                                       decode_pixels=ps.is_pipeline_first_stage(), fill=True)
         return self.loader
 
     def model_input(self, batch):

@@ -142,7 +142,7 @@ class MIMStage(VisionStage):
         # Pixels: the first stage embeds them, the last feeds them to the teacher.
         need_pixels = ps.is_pipeline_first_stage() or ps.is_pipeline_last_stage()
         self.loader = self.make_loader(self.cfg.data.dir, dp_rank, dp_size, need_pixels,
-                                       mask_ratio=self.cfg.mask_ratio)
+                                       mask_ratio=self.cfg.mask_ratio, fill=True)
         return self.loader
 
     def teacher_targets(self, batch) -> torch.Tensor:

@@ -61,6 +61,9 @@ class DataSection:
     # pads it to (2·cp under context parallelism, else 1). A multiple of 2·cp; a larger one
     # keeps the packs of runs at different CP sizes identical.
     image_token_multiple: int = 0
+    # set at start-up from samples_per_step (VisionStage.fit_fill_tokens), one per resolution
+    # phase: the tokens the sampler fills a pack with (the rest of pack_tokens is padding)
+    fill_tokens: list[int] = field(default_factory=list)
 
 
 def schedule_problems(key: str, schedule: list, value_name: str) -> list[str]:
@@ -90,6 +93,12 @@ def _data_problems(d: DataSection) -> list[str]:
     if d.decoder not in DECODERS:
         problems.append(f"stage_config.data.decoder={d.decoder!r} must be one of "
                         f"{', '.join(DECODERS)}")
+    fills = d.fill_tokens
+    if fills and (len(fills) != phases or not all(
+            isinstance(f, int) and 0 < f <= d.pack_tokens for f in fills)):
+        problems.append(f"stage_config.data.fill_tokens={fills} needs one integer in (0, "
+                        f"pack_tokens={d.pack_tokens}] per resolution phase ({phases}); "
+                        "samples_per_step sets it")
     return problems
 
 
@@ -179,23 +188,24 @@ class VisionStage:
         (``index, packed``: what training will see, shard ends included);
         else ``pack_tokens · min_fill`` (the packer emits packs at least that full, so this
         leans low) over ``data.mean_tokens_per_sample``, else over the largest image the phase
-        allows (then the images per pack are a lower bound)."""
+        allows (then the images per pack are a lower bound). Packs are filled to
+        ``data.fill_tokens`` where ``samples_per_step`` set it."""
         from megatron_finevit.data.index import INDEX_NAME, load_index
-        from megatron_finevit.data.loader import policy_sizes
 
         d = self.cfg.data
         index = load_index(d.dir) if d.dir and (Path(d.dir) / INDEX_NAME).is_dir() else None
         phases = []
         for number, (start, policy) in enumerate(self.phases()):
-            sizes = policy_sizes(index, policy, d.pack_tokens + 1) if index is not None else None
+            sizes = self._phase_sizes(index, policy) if index is not None else None
             packable = sizes[sizes <= d.pack_tokens] if sizes is not None else []
             if len(packable):
                 mean, source = float(packable.mean()), "index, packed"
-                per_pack = packed_samples_per_pack(sizes, d.pack_tokens, d.buffer_size,
-                                                   d.min_fill, self.run.seed, data_parallel)
-                phases.append(MicrobatchPhase(start, per_pack, {
+                fill = d.fill_tokens[number] if d.fill_tokens else d.pack_tokens
+                fill_detail = {"fill_tokens": fill} if d.fill_tokens else {}
+                phases.append(MicrobatchPhase(start, self._samples_per_pack(
+                    sizes, fill, data_parallel), {
                     "max_pixels": policy.max_pixels, "mean_tokens_per_sample": round(mean, 1),
-                    "samples_estimate": source}))
+                    "samples_estimate": source, **fill_detail}))
                 continue
             if d.mean_tokens_per_sample:
                 mean, source = d.mean_tokens_per_sample[number], "config"
@@ -206,15 +216,56 @@ class VisionStage:
                 "samples_estimate": source, "pack_fill": d.min_fill}))
         return phases
 
+    def fit_fill_tokens(self, samples_per_step: int, data_parallel: int) -> bool:
+        """Set ``data.fill_tokens`` so that whole packs per DP rank hold ``samples_per_step``.
+
+        Per resolution phase, ``batch_schedule.fill_for_samples`` over the packs the sampler makes
+        of the index's sizes (on DP rank 0 of ``data_parallel``). Rounding the pack count
+        instead would miss by up to half a pack per rank (±2% at Stage II's 26 packs a rank); the
+        price is the padding, < 1 / packs per rank. False (nothing set) when the index is not
+        here: the count is then rounded from the estimate."""
+        from megatron_finevit.data.index import INDEX_NAME, load_index
+        from megatron_finevit.training.batch_schedule import fill_for_samples
+
+        d = self.cfg.data
+        if not (d.dir and (Path(d.dir) / INDEX_NAME).is_dir()):
+            return False
+        index, fills = load_index(d.dir), []
+        for _, policy in self.phases():
+            sizes = self._phase_sizes(index, policy)
+            packable = sizes[sizes <= d.pack_tokens]
+            if not len(packable):
+                return False
+            fills.append(fill_for_samples(
+                lambda budget, sizes=sizes: self._samples_per_pack(sizes, budget, data_parallel),
+                samples_per_step, data_parallel, int(packable.max()), d.pack_tokens))
+        d.fill_tokens = fills
+        return True
+
+    def _phase_sizes(self, index, policy: ResizePolicy):
+        """Each indexed image's pack cost under ``policy``, as the loader counts it."""
+        from megatron_finevit.data.loader import policy_sizes
+
+        return policy_sizes(index, policy, self.cfg.data.pack_tokens + 1,
+                            self.image_token_multiple)
+
+    def _samples_per_pack(self, sizes, fill_tokens: int, data_parallel: int) -> float:
+        d = self.cfg.data
+        return packed_samples_per_pack(sizes, fill_tokens, d.buffer_size, d.min_fill,
+                                       self.run.seed, data_parallel)
+
     def make_loader(self, data_dir: str, dp_rank: int, dp_size: int, decode_pixels: bool,
-                    mask_ratio: float | None = None, seed: int | None = None) -> PackedImageLoader:
+                    mask_ratio: float | None = None, seed: int | None = None,
+                    fill: bool = False) -> PackedImageLoader:
+        """A loader of ``data_dir``; ``fill``: the training loader (``data.fill_tokens``)."""
         d = self.cfg.data
         return PackedImageLoader(
             data_dir, self.phases(), d.pack_tokens, dp_rank=dp_rank, dp_size=dp_size,
             seed=self.run.seed if seed is None else seed, buffer_size=d.buffer_size,
             min_fill=d.min_fill, mask_ratio=mask_ratio, decode_pixels=decode_pixels,
             decoder=d.decoder, use_draft=d.use_draft, token_multiple=self.image_token_multiple,
-            pipeline=pipeline_group(), num_workers=d.num_workers)
+            pipeline=pipeline_group(), num_workers=d.num_workers,
+            fill_tokens=d.fill_tokens if fill else None)
 
     def encoder_input(self, batch: PackedImageBatch):
         """The pack laid out for this rank (CP chunks, SP split, fixed size)."""
