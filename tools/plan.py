@@ -75,9 +75,10 @@ def plan_lines(workload, gpu, nodes: int, gpus_per_node: int, mfu: float) -> lis
         lines += [f"samples_per_step={fmt(phase.samples / max(phase.details.get('phase_steps', 1), 1))}",
                   f"flops_per_sample={fmt(phase.flops_per_sample)}",
                   f"teacher_flops_per_sample={fmt(phase.teacher_flops_per_sample)}"]
-    total = workload.flops + workload.teacher_flops
+    total = workload.work_flops
     lines += [f"flops_per_step={fmt(total / max(steps, 1))}", f"model_flops={fmt(workload.flops)}",
               f"teacher_flops={fmt(workload.teacher_flops)}",
+              f"extra_forward_flops={fmt(workload.extra_forward_flops)}",
               f"gpu_hours={fmt(gpu_hours(total, gpu.peak_tflops, mfu))}"]
     ranked = rank_layouts(workload, world, gpu, gpus_per_node, mfu)
     if not ranked:
@@ -99,10 +100,11 @@ def paper_lines(mfu: float, gpu) -> list[str]:
 
     lines, total = [f"gpu={gpu.name}", f"mfu={mfu}"], 0.0
     for name, workload in paper_programme(str(REPO / "examples")).items():
-        flops = workload.flops + workload.teacher_flops
+        flops = workload.work_flops
         total += flops
         lines.append(f"{name}: samples={fmt(workload.samples)} model_flops={fmt(workload.flops)} "
                      f"teacher_flops={fmt(workload.teacher_flops)} "
+                     f"extra_forward_flops={fmt(workload.extra_forward_flops)} "
                      f"gpu_hours={fmt(gpu_hours(flops, gpu.peak_tflops, mfu))}")
     return lines + [f"total_flops={fmt(total)}",
                     f"total_gpu_hours={fmt(gpu_hours(total, gpu.peak_tflops, mfu))}"]

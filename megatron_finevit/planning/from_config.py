@@ -61,6 +61,6 @@ def workload_from_config(cfg) -> Workload:
     if cfg.stage == "mim":
         return mim_workload(stage.vit, teacher_shape(stage.cfg.teacher_dir), specs)
     if cfg.stage == "contrastive":
-        return contrastive_workload(stage.vit, stage.text, specs)
+        return contrastive_workload(stage.vit, stage.text, specs, stage.cfg.loss_scope)
     trainable = tuple(stage.trainable_at(m, 0) for m in ("vit", "projector", "llm"))
     return vlm_workload(cfg.stage, stage.vl, specs, trainable)

@@ -3,8 +3,8 @@
 Step time model (per optimiser step, every GPU busy with its share):
 
 * compute ``t_c = step FLOPs / (world · peak · mfu)`` (``mfu``: the trainer's MFU, model FLOPs;
-  a frozen teacher's forward is work done at the same rate); full recompute adds one forward of
-  the layers: ``× 4/3``;
+  a frozen teacher's forward and Stage II's ``loss_scope: step`` embedding pass are work done at
+  the same rate); full recompute adds one forward of the layers: ``× 4/3``;
 * pipeline bubble (1F1B): ``t / (1 − (pp−1)/(m+pp−1))``, ``m`` micro-batches per rank a step;
 * TP: per layer and micro-batch 2 all-reduces forward and 2 backward (sequence parallelism's
   all-gather + reduce-scatter move the same bytes) of ``tokens · h · 2 B`` each, ring cost
@@ -114,10 +114,11 @@ def estimate(workload: Workload, layout: Layout, gpu: GPU, gpus_per_node: int,
     for phase in workload.phases:
         work = phase.samples * (phase.flops_per_sample + phase.teacher_flops_per_sample)
         compute = work / (world * peak * mfu) * (4 / 3 if layout.recompute else 1.0)
+        compute += phase.samples * phase.extra_forward_flops_per_sample / (world * peak * mfu)
         comm = 0.0  # per micro-batch on one rank
         for stack in phase.stacks:
             layers = stack.layers / layout.pp if stack.pipelined else stack.layers
-            passes = 3 if layout.recompute else 2
+            passes = (3 if layout.recompute else 2) + (phase.extra_forward_flops_per_sample > 0)
             if layout.tp > 1:
                 volume = stack.tokens / layout.cp * stack.shape.hidden * 2
                 comm += passes * 2 * layers * volume * 2 * (layout.tp - 1) / layout.tp / link

@@ -33,7 +33,10 @@ class Stack:
 @dataclass(frozen=True)
 class Phase:
     """``samples`` samples (fwd + bwd ``flops_per_sample``, frozen-teacher forward
-    ``teacher_flops_per_sample``) in ``micro_batches`` micro-batches of ``stacks``."""
+    ``teacher_flops_per_sample``) in ``micro_batches`` micro-batches of ``stacks``;
+    ``extra_forward_flops_per_sample``: a forward the step runs besides (Stage II's
+    ``loss_scope: step`` embeds every micro-batch once without autograd first). Like the teacher,
+    it is work the step does but not model FLOPs: MFU leaves it out, the step time counts it."""
 
     samples: float
     micro_batches: float
@@ -41,6 +44,7 @@ class Phase:
     teacher_flops_per_sample: float
     stacks: tuple[Stack, ...]
     details: dict = field(default_factory=dict)
+    extra_forward_flops_per_sample: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,16 @@ class Workload:
     @property
     def teacher_flops(self) -> float:
         return sum(phase.samples * phase.teacher_flops_per_sample for phase in self.phases)
+
+    @property
+    def extra_forward_flops(self) -> float:
+        """The extra forward passes' FLOPs over the stage (``Phase``; not model FLOPs)."""
+        return sum(phase.samples * phase.extra_forward_flops_per_sample for phase in self.phases)
+
+    @property
+    def work_flops(self) -> float:
+        """Everything the GPUs compute: model, teacher and extra-forward FLOPs."""
+        return self.flops + self.teacher_flops + self.extra_forward_flops
 
     def scaled_to(self, samples: float) -> "Workload":
         """The same stage run for ``samples`` samples (phases keep their shares)."""
@@ -114,21 +128,26 @@ def mim_workload(vit, teacher: flops.EncoderShape, phases) -> Workload:
                     vit.num_layers)
 
 
-def contrastive_workload(vit, text, phases) -> Workload:
+def contrastive_workload(vit, text, phases, loss_scope: str = "micro_batch") -> Workload:
     """Stage II: ViT + MAP head trained; the text tower over each caption row of
-    ``phase.context`` tokens, forward only while ``phase.text_trainable`` is False."""
+    ``phase.context`` tokens, forward only while ``phase.text_trainable`` is False.
+    ``loss_scope="step"`` adds the embedding pass: a forward of all three per sample."""
     built = []
     for phase in phases:
         n = phase.mean_tokens
-        vit_cost = flops.vit_tower_flops(vit, [n]).forward_backward(True, grad_into=False)
-        head = flops.map_head_flops(vit, text.projection_size, [n]).forward_backward(True, True)
-        tower = flops.text_tower_flops(text, 1, phase.context).forward_backward(
-            phase.text_trainable, grad_into=False)
+        towers = (flops.vit_tower_flops(vit, [n]),
+                  flops.map_head_flops(vit, text.projection_size, [n]),
+                  flops.text_tower_flops(text, 1, phase.context))
+        vit_cost = towers[0].forward_backward(True, grad_into=False)
+        head = towers[1].forward_backward(True, True)
+        tower = towers[2].forward_backward(phase.text_trainable, grad_into=False)
+        embedding_pass = sum(t.forward for t in towers) if loss_scope == "step" else 0.0
         rows = phase.samples / phase.micro_batches
         text_stack = Stack("text", LayerShape.of(text), text.num_layers,
                            rows * phase.context if phase.text_trainable else 0, pipelined=False)
         built.append(Phase(phase.samples, phase.micro_batches, vit_cost + head + tower, 0.0,
-                           (_vit_stack(vit, phase.pack_tokens), text_stack), phase.details))
+                           (_vit_stack(vit, phase.pack_tokens), text_stack), phase.details,
+                           embedding_pass))
     return Workload("contrastive", tuple(built),
                     params.vit_params(vit) + params.map_head_params(vit, text.projection_size)
                     + params.text_tower_params(text) + 2, 0.0, params.vit_params(vit),

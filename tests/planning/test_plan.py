@@ -168,3 +168,23 @@ def test_paper_configs_use_the_planners_first_layout(config, capsys):
     ours = (f"tp{p['tensor_parallel']}_pp{p['pipeline_parallel']}_cp{p['context_parallel']}"
             f"_dp{dp}")
     assert out["best_layout"] == ours, (config, out["best_layout"])
+
+
+def test_step_loss_scope_adds_the_embedding_pass_to_the_step_time(capsys):
+    """Stage II's ``loss_scope: step`` (the paper YAML's) embeds every micro-batch once more
+    without autograd: the planner's step time counts that forward (about a third of a fwd+bwd,
+    the ViT dominating), while the model FLOPs — and so MFU — do not. The CPU bench measures
+    the same pass as ``siglip_step_overhead`` (README)."""
+    tool = load_tool()
+    runs = {}
+    for scope in ("step", "micro_batch"):
+        assert tool.main(["--config", "examples/stage2_contrastive.yaml", "--nodes", "16",
+                          f"stage_config.loss_scope={scope}"]) == 0
+        runs[scope] = values(capsys.readouterr().out)
+    assert runs["step"]["model_flops"] == runs["micro_batch"]["model_flops"]
+    assert float(runs["micro_batch"]["extra_forward_flops"]) == 0
+    extra = float(runs["step"]["extra_forward_flops"]) / float(runs["step"]["model_flops"])
+    assert 0.25 < extra < 0.45, extra  # a forward: about a third of a fwd+bwd
+    assert runs["step"]["best_layout"] == runs["micro_batch"]["best_layout"]
+    ratio = float(runs["step"]["step_seconds"]) / float(runs["micro_batch"]["step_seconds"])
+    assert 1.25 < ratio < 1.45, ratio
