@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 from megatron.core.transformer.module import MegatronModule
 
@@ -58,8 +59,20 @@ def write_patches(out: torch.Tensor, image: torch.Tensor, patch_size: int, merge
     c, height, width = image.shape
     gh, gw, m, p = height // patch_size, width // patch_size, merge_size, patch_size
     # [C, H, W] -> [C, gh/m, m, p, gw/m, m, p] -> [gh/m, gw/m, m(row), m(col), C, p, p]
-    blocks = image.reshape(c, gh // m, m, p, gw // m, m, p).permute(1, 4, 2, 5, 0, 3, 6)
-    out.view(gh // m, gw // m, m, m, c, p, p).copy_(blocks)
+    shape, order = (c, gh // m, m, p, gw // m, m, p), (1, 4, 2, 5, 0, 3, 6)
+    target = (gh // m, gw // m, m, m, c, p, p)
+    if _numpy_copy_applies(out, image):
+        # numpy's single-threaded strided copy is 2-3x faster here than torch's, whose
+        # intra-op threads also compete with the decode threads of the loader
+        np.copyto(out.numpy().reshape(target), image.numpy().reshape(shape).transpose(order))
+        return
+    out.view(target).copy_(image.reshape(shape).permute(order))
+
+
+def _numpy_copy_applies(out: torch.Tensor, image: torch.Tensor) -> bool:
+    return (out.device.type == image.device.type == "cpu" and out.dtype == image.dtype
+            and out.dtype in (torch.float32, torch.float64, torch.float16, torch.uint8)
+            and not (out.requires_grad or image.requires_grad) and out.is_contiguous())
 
 
 @dataclass
@@ -116,7 +129,10 @@ def pack_images(images: Sequence[torch.Tensor], patch_size: int = 14, merge_size
         start += length
     if rows > total:
         lengths.append(rows - total)
-        patches[total:].zero_()
+        if _numpy_copy_applies(patches, patches):
+            patches.numpy()[total:] = 0  # single-threaded, as write_patches
+        else:
+            patches[total:].zero_()
     cu_seqlens = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu_seqlens[1:] = torch.tensor(lengths).cumsum(0)
     return PackedImages(patches, cu_seqlens, torch.tensor(grids, dtype=torch.long))
