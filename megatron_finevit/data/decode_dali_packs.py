@@ -4,6 +4,7 @@
         ▼
     DALI:  fn.external_source(encoded bytes) ─ fn.decoders.image ("mixed" on GPU / "cpu")
            ─ fn.resize(size=external_source(exact [H, W])) ─ fn.crop_mirror_normalize(mean, std)
+           (and fn.peek_image_shape of the bytes: the size the image really has)
         ▼
     float32 [3, H, W] numpy per sample, in pack order (patchify and packing stay the loader's)
 
@@ -26,7 +27,12 @@ by the reference decoder (``decode_pil``), which gives the skip set and reasons 
 and PIL pixels for the rest of that pack (within the decoder bound of the DALI ones); the
 pipeline is rebuilt and the packs scheduled after it are resubmitted.
 
-Target sizes come from ``smart_resize`` (integers), never from DALI float arithmetic.
+Target sizes come from ``smart_resize`` (integers), never from DALI float arithmetic. They are
+computed from the size the caller gives (the index's, or a conversation's JSON), while PIL sizes
+an image from its own header: an image whose header size (``fn.peek_image_shape``, EXIF-oriented
+as the decode is) resizes to another size than the one asked — its index or JSON disagrees with
+it — is decoded again by PIL, so the caller sees the size the reference decoder gives and its own
+check decides (never a silently stretched image). This never fires on consistent data.
 ``device="mixed"`` (nvJPEG) is not exercised in CI (no GPU there); its outputs are copied to host.
 """
 
@@ -41,6 +47,7 @@ import torch
 from megatron_finevit.data.bad_samples import BadSampleError
 from megatron_finevit.data.decode_pil import Normalization
 from megatron_finevit.data.decode_workers import DecodeSettings, LoadedSample, load_samples
+from megatron_finevit.data.resize import ResizePolicy
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +70,18 @@ def resolve_decoder(name: str) -> tuple[str, str]:
                              "nvidia-dali or use decoder: pil / auto") from None
         return "pil", f"auto: nvidia.dali does not import ({err})"
     return "dali", "asked for" if name == "dali" else "auto: nvidia.dali imports"
+
+
+def decoder_problems(decoder, num_workers, prefix: str = "stage_config.data.") -> list[str]:
+    """Config problems of a ``decoder`` name and a ``num_workers`` count (every stage's data
+    section words them alike)."""
+    problems = []
+    if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 0:
+        problems.append(f"{prefix}num_workers={num_workers!r} must be an integer >= 0 (0: "
+                        "decode in the training process)")
+    if decoder not in DECODERS:
+        problems.append(f"{prefix}decoder={decoder!r} must be one of {', '.join(DECODERS)}")
+    return problems
 
 
 class DaliPack:
@@ -138,15 +157,21 @@ class DaliPackDecoder:
     def _collect_oldest(self) -> None:
         pack = self._pending.popleft()
         try:
-            (pixels,) = self._pipe.outputs()
+            pixels, shapes = self._pipe.outputs()
         except RuntimeError as err:
             self._recover(pack, err)
             return
         if self.device == "mixed":
             pixels = pixels.as_cpu()
-        for i, (slot, _, _) in enumerate(pack.todo):
+        resized_otherwise = []
+        for i, item in enumerate(pack.todo):
+            slot, _, size = item
+            if not _sized_as_asked(pack.settings.policy, np.array(shapes[i]), size):
+                resized_otherwise.append(item)
+                continue
             # DALI reuses its output buffers on the next run: copy out
             pack.loaded[slot].pixels = np.array(pixels[i])
+        self._decode_with_pil(pack, resized_otherwise)
         pack.done = True
 
     def _recover(self, pack: DaliPack, err: RuntimeError) -> None:
@@ -155,15 +180,21 @@ class DaliPackDecoder:
         self.fallbacks += 1
         log.warning("DALI failed a pack of %d samples (%s); decoding it one by one with PIL",
                     len(pack.todo), str(err).strip().splitlines()[-1][:200])
-        items = [(b, pack.loaded[slot].meta) for slot, b, _ in pack.todo]
-        for (slot, _, _), sample in zip(pack.todo, load_samples(lambda item: item, items,
-                                                                pack.settings)):
-            pack.loaded[slot] = sample
+        self._decode_with_pil(pack, pack.todo)
         pack.done = True
         later, self._pipe = list(self._pending), None
         self._pending.clear()
         for other in later:
             self._schedule(other)
+
+    @staticmethod
+    def _decode_with_pil(pack: DaliPack, todo: list[tuple[int, bytes, tuple[int, int]]]) -> None:
+        """The reference decoder's result for these samples of ``pack`` (pixels or the reason
+        it skips them)."""
+        items = [(b, pack.loaded[slot].meta) for slot, b, _ in todo]
+        for (slot, _, _), sample in zip(todo, load_samples(lambda item: item, items,
+                                                           pack.settings)):
+            pack.loaded[slot] = sample
 
     def _build(self):
         from nvidia.dali import fn, pipeline_def, types
@@ -180,10 +211,21 @@ class DaliPackDecoder:
             # linear with antialias: PIL's BILINEAR filter when shrinking
             resized = fn.resize(decoded, size=size, interp_type=types.INTERP_LINEAR,
                                 antialias=True)
-            return fn.crop_mirror_normalize(
+            normalised = fn.crop_mirror_normalize(
                 resized, dtype=types.FLOAT, output_layout="CHW",
                 mean=[255.0 * m for m in self.norm.mean], std=[255.0 * s for s in self.norm.std])
+            # [H, W, C] from the header on the CPU, whatever the decode device
+            return normalised, fn.peek_image_shape(encoded)
 
         pipe = pipeline()
         pipe.build()
         return pipe
+
+
+def _sized_as_asked(policy: ResizePolicy, shape: np.ndarray, size: tuple[int, int]) -> bool:
+    """Whether an image of header ``shape`` ``[H, W, C]`` resizes to ``size`` (as PIL sizes
+    it)."""
+    try:
+        return policy.target_size(int(shape[0]), int(shape[1])) == tuple(size)
+    except BadSampleError:
+        return False

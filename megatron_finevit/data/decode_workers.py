@@ -8,7 +8,10 @@
 the in-process path does. A worker never decides anything: it gets a pack's tar locations and
 returns one ``LoadedSample`` per sample, a bad one as its reason (a ``BadSampleError`` does not
 survive pickling: its ``args`` hold the formatted message, not the reason); the loader counts
-and skips in the main process, in order, when it consumes the pack.
+and skips in the main process, in order, when it consumes the pack. The Stage III / SFT loaders
+(``data.tasks.pack_loader``) read in the main process (a sample's JSON sizes its images) and send
+the image bytes instead (``DecodePool.submit_images`` → ``decode_images``, the same
+``load_samples``).
 
 Start method. Workers come from a *forkserver* (spawn where there is none): the trainer has
 gloo/NCCL threads and possibly CUDA by the time the loader starts, and ``fork`` copies a process
@@ -170,6 +173,15 @@ def _load_in_worker(locations: list[SampleLocation], settings: DecodeSettings
     return load_samples(_worker_files.read, locations, settings)
 
 
+def _image_only(image_bytes: bytes) -> tuple[bytes, None]:
+    return image_bytes, None
+
+
+def decode_images(images: list[bytes], settings: DecodeSettings) -> list[LoadedSample]:
+    """``load_samples`` of images already read (no meta): one ``LoadedSample`` per image."""
+    return load_samples(_image_only, images, settings)
+
+
 # --- the main side ---------------------------------------------------------------------------
 
 def start_method() -> str:
@@ -189,6 +201,15 @@ class DecodePool:
         self._finalizer = None
 
     def submit(self, locations: list[SampleLocation], settings: DecodeSettings) -> Future:
+        """Read and decode the samples at ``locations``: a future of ``[LoadedSample]``."""
+        return self._started().submit(_load_in_worker, locations, settings)
+
+    def submit_images(self, images: list[bytes], settings: DecodeSettings) -> Future:
+        """Decode images read by the caller (``decode_images``): a future of
+        ``[LoadedSample]`` without metas."""
+        return self._started().submit(decode_images, images, settings)
+
+    def _started(self) -> ProcessPoolExecutor:
         if self._executor is None:
             context = multiprocessing.get_context(start_method())
             if context.get_start_method() == "forkserver":
@@ -199,7 +220,7 @@ class DecodePool:
             # a loader dropped without close() (e.g. an evaluation's) still stops its workers
             self._finalizer = weakref.finalize(self, self._executor.shutdown, wait=False,
                                                cancel_futures=True)
-        return self._executor.submit(_load_in_worker, locations, settings)
+        return self._executor
 
     @property
     def pids(self) -> list[int]:

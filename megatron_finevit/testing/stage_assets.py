@@ -119,7 +119,8 @@ def tiny_align_run(assets: dict, steps: int, global_batch: int = 2, tp: int = 1,
     cfg.eval.at_start = cfg.eval.at_end = False
     cfg.logging.log_interval, cfg.logging.progress_bar = 1000, False
     data = {"dir": assets["train"], "llm_tokens": 128, "vit_tokens": 256, "max_text_tokens": 64,
-            "max_turns": 2, "max_pixels": 112 * 112, "buffer_size": 32, "use_draft": True}
+            "max_turns": 2, "max_pixels": 112 * 112, "buffer_size": 32, "use_draft": True,
+            "decoder": "pil"}  # as tiny_run: the layout tests' reference loaders decode with PIL
     cfg.stage_config = {"vit": "tiny_vit", "vit_overrides": {"num_layers": 2},
                         "llm": "tiny_qwen3", "llm_overrides": {"num_layers": 2},
                         "data": data, **stage_config}
@@ -134,7 +135,7 @@ def tiny_sft_run(assets: dict, steps: int, global_batch: int = 2, tp: int = 1, p
     cfg = tiny_align_run(assets, steps, global_batch, tp, pp, sp)
     cfg.stage = "sft"
     data = {"dir": assets["sft"], "llm_tokens": 256, "vit_tokens": 256,
-            "max_pixels": 112 * 112, "buffer_size": 32, "use_draft": True}
+            "max_pixels": 112 * 112, "buffer_size": 32, "use_draft": True, "decoder": "pil"}
     cfg.stage_config = {**{k: v for k, v in cfg.stage_config.items() if k != "data"},
                         "data": data, **stage_config}
     return cfg

@@ -2,8 +2,9 @@
 
     shard dir + index.zarr (tools/import_conversations.py + tools/build_index.py)
       ─ exact (ViT patches, LLM tokens) per conversation ─ PackedBatchSampler
-      ─ random-access reads of every image (SampleReader.read_images) ─ PIL decode at the policy
-      ─ Qwen3 chat tokens (chat.encode_messages) ─ pack_multimodal  →  MultimodalBatch
+      ─ random-access reads of every image (SampleReader.read_images) ─ decode at the policy
+      (DALI or PIL, ahead of the consumer: ``pack_loader``) ─ Qwen3 chat tokens
+      (chat.encode_messages) ─ pack_multimodal  →  MultimodalBatch
 
 Exact sizes. A conversation's LLM length is known only once it is rendered, and nothing may be
 truncated, so the loader measures every conversation once before packing: it reads each
@@ -20,8 +21,10 @@ truncated), the resize policy's refusals (``extreme_aspect_ratio``, ``degenerate
 conversation rules' reasons (``conversation.check_messages``: ``roles_not_alternating``,
 ``image_count_mismatch``, ...) — all decided at measurement, over the whole set; unreadable or
 undecodable images at load time go to the shared ``BadSampleCounter`` as in
-``PackedImageLoader``, and ``size_mismatch`` counts a decoded image whose size disagrees with its
-JSON (its placeholders would not match).
+``PackedImageLoader`` (one image that fails skips its whole conversation; a JSON listing another
+number of images than the sample holds is ``image_count_mismatch``), and ``size_mismatch`` counts
+a conversation with an image whose decoded size disagrees with its JSON (its placeholders would
+not match). The decoders are given the JSON's sizes, as the measurement was.
 
 Per-sample kinds (for ``loss_<kind>`` logs): ``text`` (no image), ``image``, ``multi_image``, and
 ``reasoning`` for any conversation whose answers hold a ``<think>`` block.
@@ -36,15 +39,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 import os
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from megatron_finevit.data.bad_samples import BadSampleError
-from megatron_finevit.data.decode_pil import decode_pil
 from megatron_finevit.data.index import SampleIndex
 from megatron_finevit.data.loader import SampleReader
 from megatron_finevit.data.resize import STAGE_MAX_PIXELS, ResizePolicy
@@ -53,8 +55,6 @@ from megatron_finevit.data.tasks.conversation import image_token_counts, message
 from megatron_finevit.data.tasks.multimodal import MultimodalSample, image_llm_tokens
 from megatron_finevit.data.tasks.pack_loader import MultimodalPackLoader
 from megatron_finevit.data.tokenizers import QwenTokenizer
-
-log = logging.getLogger(__name__)
 
 _SIZES_DIR = "sft_sizes"
 _SIZES_VERSION = 1  # bump when the rendering changes what a conversation costs
@@ -165,22 +165,17 @@ class ConversationLoader(MultimodalPackLoader):
         sizes[:, 1] = -(-sizes[:, 1] // multiple) * multiple
         return sizes, np.asarray(reasons, dtype=str)
 
-    def _sample(self, sample: int, epoch: int) -> MultimodalSample | None:
-        key = str(self.index.key[sample])
-        try:
-            encoded_images, meta = self.reader.read_images(sample)
-            images = [decode_pil(data, self.config.policy, self.norm, use_draft=self.use_draft)
-                      for data in encoded_images]
-            messages = messages_from_meta(meta)
-        except BadSampleError as err:
-            self.counter.skip_error(err, member=key)
-            return None
-        self.counter.ok()
-        image_tokens = image_token_counts(meta, self.config.policy)
-        if image_tokens != [image_llm_tokens(image) for image in images]:
-            self.skips["size_mismatch"] += 1
-            log.warning("sample %s: decoded image sizes disagree with its JSON; skipped", key)
-            return None
-        conversation = self.template.encode_messages(messages, image_tokens,
-                                                     kind=conversation_kind(meta))
+    def _read(self, sample: int) -> tuple[list[bytes], dict]:
+        images, meta = self.reader.read_images(sample)
+        messages_from_meta(meta)  # a broken conversation is a bad read: nothing to decode
+        return images, meta
+
+    def _image_sizes(self, sample: int, meta: dict) -> list[tuple[int, int]]:
+        return [(int(image["height"]), int(image["width"])) for image in meta.get("images", [])]
+
+    def _encode(self, sample: int, key: str, meta: dict, images: list[torch.Tensor],
+                epoch: int) -> MultimodalSample:
+        conversation = self.template.encode_messages(
+            messages_from_meta(meta), [image_llm_tokens(image) for image in images],
+            kind=conversation_kind(meta))
         return MultimodalSample(key, images, conversation)

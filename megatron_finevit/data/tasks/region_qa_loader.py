@@ -1,8 +1,9 @@
 """Resumable loader of packed Stage III region-QA micro-batches for one data-parallel rank.
 
     shard dir + index.zarr ─ per-sample sizes (ViT patches, LLM tokens) ─ PackedBatchSampler
-      ─ random-access reads (SampleReader) ─ PIL decode at the Stage III policy (≤ 1000²)
-      ─ draw_turns ─ Qwen3 chat tokens ─ pack_multimodal  →  MultimodalBatch
+      ─ random-access reads (SampleReader) ─ decode at the Stage III policy (≤ 1000²; DALI or
+      PIL, ahead of the consumer: ``pack_loader``) ─ draw_turns ─ Qwen3 chat tokens
+      ─ pack_multimodal  →  MultimodalBatch
 
 Sizes come from the zarr index only (no JSON is read before packing). ViT patches are exact:
 ``smart_resize`` of the indexed original size under the loader's policy (images whose aspect
@@ -26,12 +27,15 @@ only makes the allowances tighter. The slack of an allowance becomes padding.
 Skips, counted in ``skipped`` (the static ones over the whole index, at construction):
 ``oversize`` (patches > ViT budget or allowance > LLM budget), ``resize_rejected`` (aspect
 ratio), ``no_task`` (nothing the mixture can ask about), ``no_turn_fits`` (no drawn turn fits the
-allowance); unreadable samples go to the shared ``BadSampleCounter`` as in ``PackedImageLoader``.
+allowance), and ``size_mismatch`` only if an image decodes at another size than its indexed one
+(``pack_loader``); unreadable or undecodable samples go to the shared ``BadSampleCounter`` as in
+``PackedImageLoader``.
 
 Determinism and resume: packs are the sampler's (DP-disjoint, seeded); a sample's turns are drawn
 from (seed, key, epoch) — the epoch of the pass that drew the pack — so they do not depend on
 the packing either. ``state_dict`` holds the sampler's state and the skip counts (plain ints and
-lists): a resumed loader yields exactly the batches the uninterrupted one yields next.
+lists): a resumed loader yields exactly the batches the uninterrupted one yields next, also with
+packs decoding ahead (``pack_loader``).
 """
 
 from __future__ import annotations
@@ -39,9 +43,8 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import torch
 
-from megatron_finevit.data.bad_samples import BadSampleError
-from megatron_finevit.data.decode_pil import decode_pil
 from megatron_finevit.data.index import SampleIndex
 from megatron_finevit.data.loader import policy_sizes
 from megatron_finevit.data.resize import STAGE_MAX_PIXELS, ResizePolicy
@@ -140,16 +143,16 @@ class RegionQALoader(MultimodalPackLoader):
             axis=1)
         return sizes, np.where(patches == 0, "resize_rejected", "")
 
-    def _sample(self, sample: int, epoch: int) -> MultimodalSample | None:
-        key = str(self.index.key[sample])
-        try:
-            image_bytes, meta = self.reader.read(sample)
-            image = decode_pil(image_bytes, self.config.policy, self.norm,
-                               use_draft=self.use_draft)
-        except BadSampleError as err:
-            self.counter.skip_error(err, member=key)
-            return None
-        self.counter.ok()
+    def _read(self, sample: int) -> tuple[list[bytes], dict]:
+        image_bytes, meta = self.reader.read(sample)
+        return [image_bytes], meta
+
+    def _image_sizes(self, sample: int, meta: dict) -> list[tuple[int, int]]:
+        return [(int(self.index.height[sample]), int(self.index.width[sample]))]
+
+    def _encode(self, sample: int, key: str, meta: dict, images: list[torch.Tensor],
+                epoch: int) -> MultimodalSample | None:
+        (image,) = images
         turns = draw_turns(meta, original_hw=(meta["height"], meta["width"]),
                            resized_hw=tuple(image.shape[1:]), codec=self.codec,
                            mixture=self.config.mixture, seed=self.config.seed, key=key,

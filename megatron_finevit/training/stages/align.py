@@ -28,8 +28,9 @@ moments nor weight decay move it); a frozen encoder also runs under ``no_grad``.
 Pipeline parallelism: the encoder and projector sit on the first stage with the LM's first
 ``first_stage_llm_layers`` layers; ``parallel.virtual_pipeline_parallel`` splits every rank's LM
 layers into chunks (interleaved 1F1B; the trainer gives each chunk the step's packs in order). Every stage reads the same packs and decodes its images (the
-text of a sample depends on its resized size): decoding is deterministic, so a corrupt image is
-skipped on every stage alike.
+text of a sample depends on its resized size): decoding is deterministic and DALI skips what PIL
+skips (``data.decoder``; ``data.tasks.pack_loader``), so a corrupt image is skipped on every stage
+alike.
 
 Logged per step: ``loss`` (mean over answer tokens), ``loss_<task kind>`` over that kind's answer
 tokens, image tokens/s (ViT patches), text tokens/s (LLM tokens that are not image placeholders),
@@ -51,6 +52,7 @@ from megatron_finevit.config.presets import preset_config
 from megatron_finevit.config.train import TrainConfig
 from megatron_finevit.config.vit import VIT_PRESETS
 from megatron_finevit.config.vlm import QWEN_IMAGE_PAD_ID, FineViTVLConfig
+from megatron_finevit.data.decode_dali_packs import decoder_problems
 from megatron_finevit.data.resize import DEFAULT_MIN_PIXELS, STAGE_MAX_PIXELS
 from megatron_finevit.training.dry_run import MicrobatchPhase
 from megatron_finevit.training.preflight import InputPath
@@ -84,6 +86,12 @@ class AlignDataSection:
     buffer_size: int = 512
     min_fill: float = 0.9
     use_draft: bool = False
+    # "auto": DALI where nvidia.dali imports, else PIL (the choice is logged); "dali" | "pil".
+    # Same packs and skips either way; pixels within the decoder bound. With DALI,
+    # num_workers is its CPU thread count.
+    decoder: str = "auto"
+    # PIL processes decoding the next packs while the step computes (0: in the training process)
+    num_workers: int = 0
     # Mean samples per pack, for `--dry-run` where data.dir has no index (with one, the index is
     # used); 0: estimate from the budgets alone.
     mean_llm_tokens_per_sample: float = 0.0
@@ -144,6 +152,7 @@ class AlignStage:
                                       problems)
         self._check_model(cfg, problems)
         self._check_data(cfg, problems)
+        problems += decoder_problems(cfg.data.decoder, cfg.data.num_workers)
         if problems:
             raise ConfigError(problems)
         self.step = 0
@@ -388,9 +397,10 @@ class AlignStage:
     def _loader(self, data_dir: str, dp_rank: int, dp_size: int):
         from megatron_finevit.data.tasks.region_qa_loader import RegionQALoader
 
+        d = self.cfg.data
         return RegionQALoader(data_dir, self.data_config, self.template.tokenizer,
-                              dp_rank=dp_rank, dp_size=dp_size, use_draft=self.cfg.data.use_draft,
-                              norm=self.norm)
+                              dp_rank=dp_rank, dp_size=dp_size, use_draft=d.use_draft,
+                              norm=self.norm, decoder=d.decoder, num_workers=d.num_workers)
 
     def build_data(self, dp_rank: int, dp_size: int):
         self.loader = self._loader(self.cfg.data.dir, dp_rank, dp_size)

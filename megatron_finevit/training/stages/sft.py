@@ -49,6 +49,8 @@ class SFTDataSection:
     buffer_size: int = 512
     min_fill: float = 0.9
     use_draft: bool = False
+    decoder: str = "auto"          # as Stage III's (auto: DALI where it imports, else PIL)
+    num_workers: int = 0           # as Stage III's (PIL decode processes; DALI's threads)
     # Mean LLM tokens per conversation, for `--dry-run` where data.dir has no index (with one,
     # the measured sizes are used); 0: estimate from the budgets alone.
     mean_llm_tokens_per_sample: float = 0.0
@@ -106,9 +108,10 @@ class SFTStage(AlignStage):
     def _loader(self, data_dir: str, dp_rank: int, dp_size: int):
         from megatron_finevit.data.tasks.conversation_loader import ConversationLoader
 
+        d = self.cfg.data
         return ConversationLoader(data_dir, self.data_config, self.template.tokenizer,
-                                  dp_rank=dp_rank, dp_size=dp_size,
-                                  use_draft=self.cfg.data.use_draft, norm=self.norm)
+                                  dp_rank=dp_rank, dp_size=dp_size, use_draft=d.use_draft,
+                                  norm=self.norm, decoder=d.decoder, num_workers=d.num_workers)
 
     def _mean_tokens_without_index(self) -> tuple[float, str]:
         """A lower bound of the conversations per pack: one per pack."""

@@ -24,7 +24,7 @@ import torch
 from megatron_finevit.config.presets import preset_config
 from megatron_finevit.config.train import TrainConfig
 from megatron_finevit.config.vit import VIT_PRESETS, FineViTConfig
-from megatron_finevit.data.decode_dali_packs import DECODERS
+from megatron_finevit.data.decode_dali_packs import decoder_problems
 from megatron_finevit.data.loader import PackedImageBatch, PackedImageLoader
 from megatron_finevit.data.pack_agreement import PipelineGroup
 from megatron_finevit.data.resize import DEFAULT_MIN_PIXELS, ResizePolicy
@@ -87,12 +87,7 @@ def _data_problems(d: DataSection) -> list[str]:
     if means and (len(means) != phases or min(means) <= 0):
         problems.append(f"stage_config.data.mean_tokens_per_sample={means} needs one positive "
                         f"value per resolution phase ({phases})")
-    if not isinstance(d.num_workers, int) or isinstance(d.num_workers, bool) or d.num_workers < 0:
-        problems.append(f"stage_config.data.num_workers={d.num_workers!r} must be an integer "
-                        ">= 0 (0: decode in the training process)")
-    if d.decoder not in DECODERS:
-        problems.append(f"stage_config.data.decoder={d.decoder!r} must be one of "
-                        f"{', '.join(DECODERS)}")
+    problems += decoder_problems(d.decoder, d.num_workers)
     fills = d.fill_tokens
     if fills and (len(fills) != phases or not all(
             isinstance(f, int) and 0 < f <= d.pack_tokens for f in fills)):
