@@ -17,8 +17,9 @@ supervised answer), the image's placeholders in the first. Stage III's ``PackedB
 packs them into Stage III's budgets (``RegionQAConfig``: 4096 LLM / 16384 ViT tokens):
 
 * ours: each pack -> ``pack_multimodal`` -> one ``[1, T]`` THD micro-batch (a segment per
-  sample, the padding tails their own), forward + backward as ``training/stages/align.py`` runs
-  it: the output layer and the loss only on the rows with a label (``output_mask``,
+  sample, the padding tails their own, cut to a multiple of 64 rows as the align stage does
+  without pipeline parallelism: ``MultimodalBatch.trimmed``), forward + backward as
+  ``training/stages/align.py`` runs it: the output layer and the loss only on the rows with a label (``output_mask``,
   ``models/llm/masked_output``). How much that saves depends on the output layer's share of the
   LLM's FLOPs, printed as ``output_layer_share_*``: with the defaults (``--vocab`` 8,192, width
   512) it is about 25%, above Qwen3-1.7B's 18% and Qwen3-8B's 8% (151,669 rows), so the bench
@@ -273,7 +274,7 @@ def build_models(config, workdir: Path):
 def throughput(args, out) -> None:
     from megatron_finevit.config.vlm import finevit_vl_1p7b, finevit_vl_8b
     from megatron_finevit.convert.mcore_io import single_rank_world
-    from megatron_finevit.data.tasks.multimodal import pack_multimodal
+    from megatron_finevit.data.tasks.multimodal import LLM_TRIM_MULTIPLE, pack_multimodal
     from megatron_finevit.planning.flops import linear_flops, llm_tower_flops, vlm_flops
 
     config = bench_config(args)
@@ -303,7 +304,8 @@ def throughput(args, out) -> None:
         key = tuple(pack)
         if key not in ours_batches:
             ours_batches[key] = pack_multimodal([samples[i] for i in pack], args.llm_tokens,
-                                                args.vit_tokens, PAD_ID, KINDS)
+                                                args.vit_tokens, PAD_ID, KINDS
+                                                ).trimmed(LLM_TRIM_MULTIPLE)
         return ours_batches[key]
 
     def hf_batch(group):
@@ -354,10 +356,12 @@ def throughput(args, out) -> None:
 
     def pack_flops(pack: list[int], padding: bool) -> float:
         """FLOPs of a pack; ``padding``: with what the model computes on the LLM's padding
-        tail (a segment, as ``pack_multimodal`` lays it out; the ViT side is not padded)."""
+        tail (a segment, as ``pack_multimodal`` lays it out, trimmed as the align stage trims
+        it; the ViT side is not padded)."""
         patches, lengths = sizes.patches[pack].tolist(), sizes.llm_tokens[pack].tolist()
         if padding:
-            lengths += [args.llm_tokens - sum(lengths)] if args.llm_tokens > sum(lengths) else []
+            computed = len(ours_batch(pack).input_ids)
+            lengths += [computed - sum(lengths)] if computed > sum(lengths) else []
         return vlm_flops(config, patches, lengths)
 
     def unscored_rows_flops(pack: list[int]) -> float:

@@ -28,6 +28,10 @@ from megatron_finevit.models.vit.patch_embed import PackedImages, pack_images
 MERGE_WINDOW = 4  # 2×2 ViT patches -> one LLM token
 
 
+# A trimmed pack's LLM rows are a multiple of this (and of the layout's own multiples): GEMM
+# shapes that tensor cores and FP8 like, at <= 63 padding rows a pack.
+LLM_TRIM_MULTIPLE = 64
+
 @dataclasses.dataclass
 class MultimodalSample:
     """An encoded conversation and its images ``[3, H_i, W_i]`` (sides multiples of 28), in the
@@ -79,6 +83,29 @@ class MultimodalBatch:
     @property
     def num_samples(self) -> int:
         return len(self.keys)
+
+    def trimmed(self, multiple: int) -> MultimodalBatch:
+        """The batch with its LLM padding tail cut to the least multiple of ``multiple`` that
+        holds the samples (``T' <= T``; the tail stays a segment of its own when non-empty).
+
+        Every sample's losses and gradients are unchanged (padding is masked and attends only
+        to itself), and the compute on padding rows is saved. For layouts whose sequence length
+        may change between micro-batches: not under pipeline parallelism, whose p2p buffers
+        have the fixed ``T``. ``multiple`` must be a multiple of the packing's
+        ``segment_multiple`` (CP) and of TP under sequence parallelism."""
+        bounds = self.cu_seqlens.tolist()
+        used = bounds[self.num_samples]
+        length = min(-(-used // multiple) * multiple, len(self.input_ids))
+        if length == len(self.input_ids):
+            return self
+        cu_seqlens = self.cu_seqlens[: self.num_samples + 1]
+        if length > used:
+            cu_seqlens = torch.cat([cu_seqlens, cu_seqlens.new_tensor([length])])
+        segments = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+        return dataclasses.replace(
+            self, input_ids=self.input_ids[:length], labels=self.labels[:length],
+            loss_mask=self.loss_mask[:length], position_ids=self.position_ids[:length],
+            cu_seqlens=cu_seqlens, max_seqlen=max(segments), label_task=self.label_task[:length])
 
 
 def image_llm_tokens(image: torch.Tensor, patch_size: int = 14) -> int:

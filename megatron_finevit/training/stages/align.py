@@ -406,12 +406,26 @@ class AlignStage:
         self.loader = self._loader(self.cfg.data.dir, dp_rank, dp_size)
         return self.loader
 
+    def _trimmed(self, batch):
+        """The pack without the LLM padding rows it does not need (``MultimodalBatch.trimmed``)
+        where the sequence length may vary between micro-batches: not under pipeline
+        parallelism (fixed p2p shapes). The multiple keeps CP's 2·cp chunks and SP's split."""
+        from megatron_finevit.data.tasks.multimodal import LLM_TRIM_MULTIPLE
+
+        p = self.run.parallel
+        if p.pipeline_parallel > 1:
+            return batch
+        sp = p.tensor_parallel if p.sequence_parallel else 1
+        cp = p.context_parallel
+        return batch.trimmed(math.lcm(LLM_TRIM_MULTIPLE, 2 * cp, cp * sp))
+
     def forward_step(self, batch, model):
         from megatron_finevit.data.tasks.chat import IGNORE_INDEX
         from megatron_finevit.models.llm.packing import thd_packed_seq_params
 
         from megatron.core.utils import get_attr_wrapped_model
 
+        batch = self._trimmed(batch)
         device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
         images = None  # also for a pack of text-only conversations (SFT)
         if get_attr_wrapped_model(model, "pre_process") and batch.images is not None:
