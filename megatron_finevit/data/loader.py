@@ -86,6 +86,7 @@ from megatron_finevit.data.pack_agreement import (
     PipelineGroup,
     broadcast_decision,
 )
+from megatron_finevit.data.packs_ahead import PacksAhead
 from megatron_finevit.data.packing import PackedBatchSampler
 from megatron_finevit.data.resize import ResizePolicy
 from megatron_finevit.data.shards import IMAGE_EXTS
@@ -230,8 +231,12 @@ class _PackInFlight:
     def epoch(self) -> int:
         return self.sampler_state["epoch"]
 
+    def cancel(self) -> None:
+        if self.future is not None:
+            self.future.cancel()
 
-class PackedImageLoader:
+
+class PackedImageLoader(PacksAhead):
     """Infinite, resumable iterator of ``PackedImageBatch`` for one data-parallel rank.
 
     Args:
@@ -352,9 +357,6 @@ class PackedImageLoader:
 
     # --- iteration ----------------------------------------------------------------------------
 
-    def __iter__(self):
-        return self
-
     def __next__(self) -> PackedImageBatch:
         if self._prepared:
             return self._prepared.popleft()
@@ -362,7 +364,7 @@ class PackedImageLoader:
             raise RuntimeError("under pipeline parallelism the stages agree on a step's "
                                "micro-batches first: call prepare(n) on every stage before "
                                "the schedule")
-        return self._next_decided()
+        return self._next_loaded()
 
     def prepare(self, num_batches: int) -> None:
         """Under pipeline parallelism: agree with the other stages on the next ``num_batches``
@@ -374,7 +376,7 @@ class PackedImageLoader:
         if self._prepared:
             raise RuntimeError(f"{len(self._prepared)} prepared micro-batches were not consumed")
         start = time.perf_counter()
-        self._prepared.extend(self._agree(lambda: [self._next_decided()
+        self._prepared.extend(self._agree(lambda: [self._next_loaded()
                                                    for _ in range(num_batches)]))
         self.prepare_wait_s += time.perf_counter() - start
 
@@ -383,53 +385,19 @@ class PackedImageLoader:
         evaluation uses it on a fresh loader). A collective under pipeline parallelism."""
         def rest_of_epoch():
             epoch, batches = self._position()["epoch"], []
-            while (batch := self._next_decided(epoch)) is not None:
+            while (batch := self._next_loaded(epoch)) is not None:
                 batches.append(batch)
             return batches
 
         return self._agree(rest_of_epoch)
 
-    def close(self) -> None:
-        """Stop the decode workers (packs in flight are dropped; the position is kept, and a
-        later ``next()`` starts new workers)."""
-        self._drop_in_flight()
-        if self._pool is not None:
-            self._pool.close()
-        if self._dali is not None:
-            self._dali.close()
-        self.reader.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     # --- packs in flight ----------------------------------------------------------------------
 
-    def _next_decided(self, epoch: int | None = None) -> PackedImageBatch | None:
-        """The next batch as this loader decodes it (bad samples skipped and counted, packs with
-        no good sample skipped): the decisions of the first pipeline stage. With ``epoch``: None
-        once that epoch's packs are used up."""
-        while True:
-            self._draw_ahead(max(self._lookahead, 1), epoch)
-            if not self._in_flight or (epoch is not None and self._in_flight[0].epoch != epoch):
-                return None
-            pack = self._in_flight.popleft()
-            self._draw_ahead(self._lookahead, epoch)  # the workers go on while we wait for it
-            batch = self._load(pack)
-            if batch is not None:
-                return batch
-
-    def _draw_ahead(self, count: int, epoch: int | None) -> None:
-        """Draw packs (and start loading them in the workers) until ``count`` are in flight,
-        within ``epoch`` if given."""
-        while len(self._in_flight) < count and (epoch is None or self.sampler.epoch == epoch):
-            state = self.sampler.state_dict()
-            samples = next(iter(self.sampler))
-            settings = self._settings()
-            self._in_flight.append(_PackInFlight(self.sampler.stats.num_packs, samples, state,
-                                                 settings, self._start_loading(samples, settings)))
+    def _draw(self, samples: list[int], sampler_state: dict) -> _PackInFlight:
+        """A freshly drawn pack, its loading started (in the workers / DALI)."""
+        settings = self._settings()
+        return _PackInFlight(self.sampler.stats.num_packs, samples, sampler_state, settings,
+                             self._start_loading(samples, settings))
 
     def _settings(self) -> DecodeSettings:
         return DecodeSettings(self.policy, self.norm, self.use_draft, self.decode_pixels)
@@ -457,21 +425,8 @@ class PackedImageLoader:
             return future.result()
         return load_samples(self.reader.read, samples, settings)
 
-    def _position(self) -> dict:
-        """The sampler state at the consumer: from before the oldest pack in flight."""
-        return self._in_flight[0].sampler_state if self._in_flight else self.sampler.state_dict()
-
     def _consumed_packs(self) -> int:
         return self._in_flight[0].number - 1 if self._in_flight else self.sampler.stats.num_packs
-
-    def _drop_in_flight(self) -> None:
-        """Forget the packs in flight and rewind the sampler to the consumer's position."""
-        if self._in_flight:
-            self.sampler.load_state_dict(self._in_flight[0].sampler_state)
-        for pack in self._in_flight:
-            if pack.future is not None:
-                pack.future.cancel()  # a worker already on it finishes; its result is dropped
-        self._in_flight.clear()
 
     # --- pipeline agreement -------------------------------------------------------------------
 

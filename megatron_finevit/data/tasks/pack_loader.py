@@ -60,6 +60,7 @@ from megatron_finevit.data.decode_workers import (DecodePool, DecodeSettings, Lo
 from megatron_finevit.data.index import load_index
 from megatron_finevit.data.loader import SampleReader
 from megatron_finevit.data.packing import PackedBatchSampler
+from megatron_finevit.data.packs_ahead import PacksAhead
 from megatron_finevit.data.tasks.chat import Qwen3ChatTemplate
 from megatron_finevit.data.tasks.multimodal import (MultimodalBatch, MultimodalSample,
                                                     pack_multimodal)
@@ -97,8 +98,12 @@ class _PackInFlight:
         """The sampler pass that drew it (region QA draws its turns with it)."""
         return self.sampler_state["epoch"]
 
+    def cancel(self) -> None:
+        for part in self.decoding:
+            part.cancel()
 
-class MultimodalPackLoader:
+
+class MultimodalPackLoader(PacksAhead):
     """Infinite, resumable iterator of ``MultimodalBatch`` for one data-parallel rank.
 
     Args:
@@ -203,58 +208,21 @@ class MultimodalPackLoader:
         ``size_mismatch`` where it is not listed and happened)."""
         return {**self._static_skips, **{r: 0 for r in self.dynamic_skips}, **self.skips}
 
-    def __iter__(self):
-        return self
-
     def __next__(self) -> MultimodalBatch:
-        return self._next_batch()
+        return self._next_loaded()
 
     def epoch(self):
         """The batches of the rest of the current epoch (this rank's share once)."""
         epoch = self._position()["epoch"]
-        while (batch := self._next_batch(epoch)) is not None:
+        while (batch := self._next_loaded(epoch)) is not None:
             yield batch
-
-    def close(self) -> None:
-        """Stop the DALI pipeline / decode workers (packs in flight are dropped; the position
-        is kept, and a later ``next()`` starts them again)."""
-        self._drop_in_flight()
-        if self._pool is not None:
-            self._pool.close()
-        if self._dali is not None:
-            self._dali.close()
-        self.reader.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     # --- packs in flight ----------------------------------------------------------------------
 
-    def _next_batch(self, epoch: int | None = None) -> MultimodalBatch | None:
-        """The next batch (packs with no usable sample skipped); with ``epoch``: None once that
-        epoch's packs are used up."""
-        while True:
-            self._draw_ahead(max(self._lookahead, 1), epoch)
-            if not self._in_flight or (epoch is not None and self._in_flight[0].epoch != epoch):
-                return None
-            pack = self._in_flight.popleft()
-            self._draw_ahead(self._lookahead, epoch)  # decoding on while this one is encoded
-            batch = self._load(pack)
-            if batch is not None:
-                return batch
-
-    def _draw_ahead(self, count: int, epoch: int | None) -> None:
-        """Draw packs (read them and start decoding) until ``count`` are in flight, within
-        ``epoch`` if given."""
-        while len(self._in_flight) < count and (epoch is None or self.sampler.epoch == epoch):
-            state = self.sampler.state_dict()
-            samples = next(iter(self.sampler))
-            reads = [self._read_or_error(s) for s in samples]
-            self._in_flight.append(_PackInFlight(samples, state, reads,
-                                                 self._start_decoding(reads)))
+    def _draw(self, samples: list[int], sampler_state: dict) -> _PackInFlight:
+        """A freshly drawn pack: read now, its images decoding (DALI, workers) or decoded."""
+        reads = [self._read_or_error(s) for s in samples]
+        return _PackInFlight(samples, sampler_state, reads, self._start_decoding(reads))
 
     def _read_or_error(self, sample: int) -> _Read:
         try:
@@ -283,19 +251,6 @@ class MultimodalPackLoader:
         done = Future()
         done.set_result(decode_images(images, self._settings))
         return [done]
-
-    def _position(self) -> dict:
-        """The sampler state at the consumer: from before the oldest pack in flight."""
-        return self._in_flight[0].sampler_state if self._in_flight else self.sampler.state_dict()
-
-    def _drop_in_flight(self) -> None:
-        """Forget the packs in flight and rewind the sampler to the consumer's position."""
-        if self._in_flight:
-            self.sampler.load_state_dict(self._in_flight[0].sampler_state)
-        for pack in self._in_flight:
-            for part in pack.decoding:
-                part.cancel()  # a worker already on it finishes; DALI's output is dropped in turn
-        self._in_flight.clear()
 
     # --- batches ------------------------------------------------------------------------------
 
