@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from megatron_finevit.data.index import build_index
-from megatron_finevit.data.shards import ShardWriter, iter_shard, list_shards
+from megatron_finevit.data.shards import ShardWriter, iter_shard_samples, list_shards
 
 _START_OF_SCAN = b"\xff\xda"
 
@@ -30,15 +30,24 @@ def cut_jpeg_body(jpeg: bytes, keep: int = 40) -> bytes:
 def truncate_image_bodies(shard_dir: str | os.PathLike, keys) -> None:
     """Rewrite the shards of ``shard_dir`` (same names, keys and order) with the JPEG of every
     sample in ``keys`` cut after its header, then rebuild the index."""
-    shard_dir, keys = Path(shard_dir), set(keys)
+    cut_image_bodies(shard_dir, {(key, 0) for key in keys})
+
+
+def cut_image_bodies(shard_dir: str | os.PathLike, images) -> None:
+    """As ``truncate_image_bodies`` for samples of any number of images: ``images`` holds
+    ``(key, i)`` pairs, image ``i`` of sample ``key`` (a JPEG) is cut after its header."""
+    shard_dir, images = Path(shard_dir), set(images)
     for path in list_shards(shard_dir):
         prefix, number = path.stem.rsplit("-", 1)
-        samples = list(iter_shard(path))
+        samples = list(iter_shard_samples(path))
         with tempfile.TemporaryDirectory(dir=shard_dir) as tmp:
             with ShardWriter(tmp, prefix=prefix, max_samples_per_shard=len(samples) + 1,
                              start_index=int(number)) as writer:
-                for key, image, meta in samples:
-                    writer.write(key, cut_jpeg_body(image) if key in keys else image, meta)
+                for key, members, meta, _ in samples:
+                    writer.write_images(key, [  # members "jpg", "1.jpg", ...: ext "jpg"
+                        (cut_jpeg_body(data) if (key, i) in images else data,
+                         member.rsplit(".", 1)[-1]) for i, (member, data) in enumerate(members)],
+                        meta)
             os.replace(writer.written_shards[0], path)
     build_index(shard_dir, progress=False)
 

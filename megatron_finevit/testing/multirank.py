@@ -146,3 +146,12 @@ def run_world(fn: Callable[..., Any], world_size: int, args: tuple = (), timeout
 
 def _format_errors(errors: dict[int, str]) -> str:
     return "".join(f"\n--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie or a dead process does not; Linux ``/proc``)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except FileNotFoundError:
+        return False

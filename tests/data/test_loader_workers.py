@@ -15,6 +15,7 @@ import torch
 from megatron_finevit.data.loader import PackedImageLoader
 from megatron_finevit.data.resize import ResizePolicy
 from megatron_finevit.testing.corrupt_shards import loader_steps, shards_with_broken_packs
+from megatron_finevit.testing.multirank import process_alive
 
 PHASES = [(0, ResizePolicy(max_pixels=84 * 84)), (3, ResizePolicy(max_pixels=112 * 112))]
 PACK = 128
@@ -84,14 +85,6 @@ def test_epoch_equals_in_process(shard_dir):
         assert pooled.state_dict() == plain.state_dict()  # the next epoch starts, nothing ahead
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] not in "ZX"
-    except FileNotFoundError:
-        return False
-
-
 def _wait_until(condition, timeout_s: float = 60.0) -> bool:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -121,7 +114,7 @@ def test_workers_ignore_signals_and_close(shard_dir, reference):
         os.kill(pid, signal.SIGUSR1)
     _assert_same(loader_steps(loader, 1, 3), batches[1:3])
     loader.close()
-    assert _wait_until(lambda: not any(_alive(pid) for pid in pids))
+    assert _wait_until(lambda: not any(process_alive(pid) for pid in pids))
     _assert_same(loader_steps(loader, 3, 5), batches[3:5])
     assert set(loader._pool.pids).isdisjoint(pids)
     loader.close()
@@ -149,7 +142,7 @@ def test_workers_exit_with_a_killed_parent(tmp_path):
                          timeout=120)
     assert out.returncode == -signal.SIGKILL, out.stderr
     worker = int(out.stdout.split()[0])
-    assert _wait_until(lambda: not _alive(worker)), f"worker {worker} outlived its parent"
+    assert _wait_until(lambda: not process_alive(worker)), f"worker {worker} outlived its parent"
 
 
 def test_rejects_negative_workers(shard_dir):

@@ -10,8 +10,6 @@ JSON size that disagrees with its image is skipped by every decoder; the stages 
 
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -23,13 +21,14 @@ from megatron_finevit.data.conversation_import import import_conversations
 from megatron_finevit.data.decode_dali_packs import PACKS_AHEAD
 from megatron_finevit.data.index import build_index
 from megatron_finevit.data.resize import ResizePolicy
-from megatron_finevit.data.shards import ShardWriter, iter_shard_samples, list_shards
+from megatron_finevit.data.shards import ShardWriter
 from megatron_finevit.data.tasks.conversation_loader import ConversationConfig, ConversationLoader
 from megatron_finevit.data.tasks.region_qa_loader import RegionQAConfig, RegionQALoader
 from megatron_finevit.data.tokenizers import QwenTokenizer
 from megatron_finevit.testing.conversations import conversation_records
-from megatron_finevit.testing.corrupt_shards import (cut_jpeg_body, next_pack_keys,
+from megatron_finevit.testing.corrupt_shards import (cut_image_bodies, next_pack_keys,
                                                      shards_with_broken_packs)
+from megatron_finevit.testing.multirank import process_alive
 from megatron_finevit.testing.stage_assets import tiny_align_run, tiny_sft_run
 from megatron_finevit.training.stages.align import AlignStage
 from megatron_finevit.training.stages.sft import SFTStage
@@ -82,7 +81,7 @@ def conversations(tmp_path_factory, tokenizer):
     rows = {str(k): i for i, k in enumerate(probe.index.key)}
     key = next(k for pack in next_pack_keys(probe, 4)[1:] for k in pack
                if probe.index.num_images[rows[k]] == 2)
-    _cut_image(path, key, 1)
+    cut_image_bodies(path, {(key, 1)})
     return make, {key}, path
 
 
@@ -102,24 +101,6 @@ def _jpeg_conversation_shards(root: Path, num: int) -> Path:
                          samples_per_shard=16, progress=False)
     build_index(root / "shards", progress=False)
     return root / "shards"
-
-
-def _cut_image(shard_dir: Path, key: str, image: int) -> None:
-    """Rewrite the shards of ``shard_dir`` with image ``image`` of sample ``key`` cut after its
-    JPEG header (``corrupt_shards.cut_jpeg_body``), then rebuild the index."""
-    for path in list_shards(shard_dir):
-        prefix, number = path.stem.rsplit("-", 1)
-        samples = list(iter_shard_samples(path))
-        with tempfile.TemporaryDirectory(dir=shard_dir) as tmp:
-            with ShardWriter(tmp, prefix=prefix, max_samples_per_shard=len(samples) + 1,
-                             start_index=int(number)) as writer:
-                for name, images, meta, _ in samples:
-                    writer.write_images(name, [  # members "jpg", "1.jpg", ...: ext "jpg"
-                        (cut_jpeg_body(data) if (name, i) == (key, image) else data,
-                         member.rsplit(".", 1)[-1]) for i, (member, data) in enumerate(images)],
-                        meta)
-            os.replace(writer.written_shards[0], path)
-    build_index(shard_dir, progress=False)
 
 
 @pytest.fixture(scope="module", params=["region_qa", "conversations"])
@@ -206,17 +187,9 @@ def test_close_stops_the_workers_and_keeps_the_position(data, reference):
     pids = loader._pool.pids
     assert len(pids) == 2
     loader.close()  # drops the packs in flight
-    assert not any(_alive(pid) for pid in pids)
+    assert not any(process_alive(pid) for pid in pids)
     _assert_same(_take(loader, STEPS - STOP), batches[STOP:])  # new workers, same stream
     loader.close()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] not in "ZX"
-    except FileNotFoundError:
-        return False
 
 
 def test_epoch_is_the_same_with_packs_ahead(region_qa):
