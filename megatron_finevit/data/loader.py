@@ -76,7 +76,6 @@ from megatron_finevit.data.decode_workers import (
     SampleLocation,
     ShardFiles,
     load_samples,
-    start_method,
 )
 from megatron_finevit.data.index import SampleIndex, dali_index_path, load_index
 from megatron_finevit.data.masking import random_patch_mask
@@ -310,17 +309,8 @@ class PackedImageLoader(PacksAhead):
         self.phase = -1
         self.sampler: PackedBatchSampler | None = None
         self._enter_phase(0)
-        if self._dali:
-            where = (f"DALI ({self._dali.device}, {self._dali.num_threads} threads), "
-                     f"{self._lookahead} packs ahead" + (" (use_draft is PIL's: ignored)"
-                                                         if use_draft else ""))
-        elif self._pool:
-            where = (f"PIL in {num_workers} worker processes ({start_method()}), up to "
-                     f"{self._lookahead} packs ahead")
-        else:
-            where = "PIL in the training process"
         log.info("data %s: decoder %s (%s): %s", shard_dir, self.decoder, why,
-                 where if decode_pixels else "layout only, no pixels")
+                 self._decode_where() if decode_pixels else "layout only, no pixels")
 
     def _max_pack_images(self) -> int:
         """The most images a pack can hold in any phase (DALI's batch size)."""

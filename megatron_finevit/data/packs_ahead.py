@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, Protocol
 
+from megatron_finevit.data.decode_workers import start_method
+
 
 class PackInFlight(Protocol):
     """A pack drawn from the sampler, not yet consumed."""
@@ -30,7 +32,7 @@ class PacksAhead:
     """Base of a loader that draws packs ahead of its consumer.
 
     The subclass sets ``sampler`` (a ``PackedBatchSampler``), ``reader`` (``close()``), ``_pool``
-    and ``_dali`` (decode workers / DALI decoder, or None), ``_lookahead`` (packs kept in flight;
+    and ``_dali`` (decode workers / DALI decoder, or None), ``use_draft``, ``_lookahead`` (packs kept in flight;
     0: a pack is loaded when it is asked for) and ``_in_flight = deque()``, and implements
     ``_draw(samples, sampler_state)`` (start loading a freshly drawn pack: its ``PackInFlight``)
     and ``_load(pack)`` (the consumed pack's batch; None when no sample of it is usable).
@@ -58,6 +60,17 @@ class PacksAhead:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def _decode_where(self) -> str:
+        """Where the images decode, for the loader's first log line."""
+        if self._dali is not None:
+            return (f"DALI ({self._dali.device}, {self._dali.num_threads} threads), "
+                    f"{self._lookahead} packs ahead"
+                    + (" (use_draft is PIL's: ignored)" if self.use_draft else ""))
+        if self._pool is not None:
+            return (f"PIL in {self._pool.num_workers} worker processes ({start_method()}), up to "
+                    f"{self._lookahead} packs ahead")
+        return "PIL in the training process"
 
     def _next_loaded(self, epoch: int | None = None):
         """The next batch (packs with no usable sample skipped); with ``epoch``: None once that

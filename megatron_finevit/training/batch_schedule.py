@@ -20,6 +20,7 @@ hold ``samples_per_step``: a step then misses it only by the packs' spread aroun
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Callable
@@ -43,6 +44,7 @@ def fill_for_samples(samples_per_pack: Callable[[int], float], samples_per_step:
     (grows with it). Bisection between ``largest_sample`` (every sample must still fit) and
     ``pack_tokens``; the fill whose packs come closest to ``samples_per_step / (packs per rank ·
     DP)`` samples."""
+    samples_per_pack = functools.lru_cache(maxsize=None)(samples_per_pack)  # each fill packs once
     per_rank = math.ceil(samples_per_step / samples_per_pack(pack_tokens) / data_parallel)
     target = samples_per_step / (per_rank * data_parallel)
     low, high = min(largest_sample, pack_tokens), pack_tokens

@@ -56,7 +56,7 @@ from megatron_finevit.data.decode_dali_packs import (PACKS_AHEAD, DaliPack, Dali
                                                      decoder_problems, resolve_decoder)
 from megatron_finevit.data.decode_pil import Normalization
 from megatron_finevit.data.decode_workers import (DecodePool, DecodeSettings, LoadedSample,
-                                                  decode_images, start_method)
+                                                  decode_images)
 from megatron_finevit.data.index import load_index
 from megatron_finevit.data.loader import SampleReader
 from megatron_finevit.data.packing import PackedBatchSampler
@@ -158,7 +158,7 @@ class MultimodalPackLoader(PacksAhead):
                                       norm) if self.decoder == "dali" else None)
         self._pool = DecodePool(num_workers) if num_workers and self._dali is None else None
         self._lookahead = PACKS_AHEAD if self._dali or self._pool else 0
-        log.info("data %s: decoder %s (%s): %s", shard_dir, self.decoder, why, self._where())
+        log.info("data %s: decoder %s (%s): %s", shard_dir, self.decoder, why, self._decode_where())
 
     def _max_pack_images(self) -> int:
         """The most images a pack can hold (DALI's batch size): the ViT budget over the fewest
@@ -166,17 +166,6 @@ class MultimodalPackLoader(PacksAhead):
         policy = self.config.policy
         cells = max(1, -(-policy.min_pixels // policy.factor ** 2))
         return max(1, self.config.vit_tokens // (cells * (policy.factor // policy.patch_size) ** 2))
-
-    def _where(self) -> str:
-        """Where the images decode, for the log."""
-        if self._dali:
-            return (f"DALI ({self._dali.device}, {self._dali.num_threads} threads), "
-                    f"{self._lookahead} packs ahead"
-                    + (" (use_draft is PIL's: ignored)" if self.use_draft else ""))
-        if self._pool:
-            return (f"PIL in {self._pool.num_workers} worker processes ({start_method()}), "
-                    f"{self._lookahead} packs ahead")
-        return "PIL in the training process"
 
     # --- what a subclass decides ------------------------------------------------------------
 
