@@ -9,12 +9,15 @@ return plain Python values and CPU tensors).
 
 - An exception on any rank fails the call with that rank's traceback in the message.
 - A hung collective fails by ``timeout_s`` instead of hanging CI: every rank is killed.
+- A rank killed by a signal (a segfault in a native library) fails the call with the Python
+  stack of each of its threads at that moment (``faulthandler``), not only its exit code.
 - One world can run many checks: put them in one function and return a dict of results, so the
   ~7 s megatron import is paid once per world rather than once per check.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import io
 import os
 import shutil
@@ -59,6 +62,9 @@ def _rank_main(rank: int, world_size: int, store_path: str, fn: Callable, args: 
         # One BLAS thread per rank: ranks share the machine's cores.
         OMP_NUM_THREADS=os.environ.get("MULTIRANK_THREADS", "1"),
     )
+    # A native crash kills the rank before it can report: leave its threads' stacks behind.
+    fault_log = open(_fault_log_path(store_path, rank), "w")  # noqa: SIM115 - lives as long as the rank
+    faulthandler.enable(file=fault_log, all_threads=True)
     try:
         import torch
         import torch.distributed as dist
@@ -84,6 +90,22 @@ def _rank_main(rank: int, world_size: int, store_path: str, fn: Callable, args: 
         queue.put((rank, "ok", buffer.getvalue()))
     except BaseException:  # noqa: BLE001 - report anything, including SystemExit
         queue.put((rank, "error", traceback.format_exc()))
+
+
+def _fault_log_path(store_path: str, rank: int) -> str:
+    return f"{store_path}.fault.{rank}"
+
+
+def _crash_report(store_path: str, rank: int, exitcode: int) -> str:
+    """What a rank that died without reporting left behind: its exit code and, when a signal
+    killed it, the stacks ``faulthandler`` wrote."""
+    try:
+        with open(_fault_log_path(store_path, rank)) as f:
+            stacks = f.read().strip()
+    except OSError:
+        stacks = ""
+    return (f"process exited with code {exitcode} without reporting"
+            + (f"; its threads when it died:\n{stacks}" if stacks else ""))
 
 
 def run_world(fn: Callable[..., Any], world_size: int, args: tuple = (), timeout_s: float = 300.0) -> list[Any]:
@@ -120,7 +142,7 @@ def run_world(fn: Callable[..., Any], world_size: int, args: tuple = (), timeout
                         if not p.is_alive() and p.exitcode not in (0, None)
                         and r not in results and r not in errors]
                 for r in dead:
-                    errors[r] = f"process exited with code {procs[r].exitcode} without reporting"
+                    errors[r] = _crash_report(store_path, r, procs[r].exitcode)
                 if errors and not any(p.is_alive() for p in procs):
                     break
                 continue

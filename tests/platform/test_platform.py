@@ -99,6 +99,15 @@ def _hang_on_rank_0(rank, world_size):
     return rank
 
 
+def _segfault_on_rank_1(rank, world_size):
+    if rank == 1:
+        import ctypes
+
+        ctypes.string_at(0)  # a native crash: SIGSEGV, no Python exception to report
+    torch.distributed.barrier()
+    return rank
+
+
 def _seeds(rank, world_size):
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
@@ -129,6 +138,12 @@ def test_harness_returns_per_rank_results():
 def test_harness_reports_the_failing_rank_traceback():
     with pytest.raises(RankFailure, match=r"(?s)rank 1 ---.*ValueError: boom from rank one"):
         run_world(_raise_on_rank_1, 2)
+
+
+def test_harness_reports_where_a_crashed_rank_died():
+    with pytest.raises(RankFailure, match=r"(?s)rank 1 ---\nprocess exited with code -11 without "
+                       r"reporting; its threads when it died:.*in _segfault_on_rank_1"):
+        run_world(_segfault_on_rank_1, 2, timeout_s=60)
 
 
 def test_harness_times_out_a_hung_collective():

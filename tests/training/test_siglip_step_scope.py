@@ -100,14 +100,22 @@ def dp2_world(rank, world_size, assets, tmp):
     resumed = Trainer(_cfg(assets, str(alone)))
     out["resumed_losses"] = resumed.train()["losses"]
     out["resumed_weights"] = _weights(resumed)
-    # megatron's overlapped, bucketed gradient reduction (every parameter of a bucket must report
-    # its gradient in the last micro-batch: t and b, and the text tower while frozen, too)
+    return out
+
+
+def overlap_world(rank, world_size, assets, tmp):
+    """megatron's overlapped, bucketed gradient reduction (every parameter of a bucket must report
+    its gradient in the last micro-batch: t and b, and the text tower while frozen, too). A world
+    of its own: its asynchronous gloo collectives run in a process holding no other trainer's
+    process groups (one CI run lost a rank to a segfault here when it was dp2_world's third
+    trainer; not reproduced since)."""
+    from megatron_finevit.training.trainer import Trainer
+
     cfg = _cfg(assets)
     p = cfg.parallel
     p.distributed_optimizer = p.overlap_grad_reduce = p.overlap_param_gather = True
     p.bucket_size = 2000  # several buckets mixing the towers' and the loss's parameters
-    out["overlap_losses"] = Trainer(cfg).train()["losses"]
-    return out
+    return Trainer(cfg).train()["losses"]
 
 
 def dp1_world(rank, world_size, assets, tmp):
@@ -143,6 +151,8 @@ def results(tmp_path_factory):
     root = tmp_path_factory.mktemp("step_scope")
     assets = make_stage_assets(root / "assets")
     dp2 = run_world(dp2_world, 2, args=(assets, str(root)))
+    for rank, losses in zip(dp2, run_world(overlap_world, 2, args=(assets, str(root)))):
+        rank["overlap_losses"] = losses
     (dp1,) = run_world(dp1_world, 1, args=(assets, str(root)))
     dp1["layouts"] = run_world(tp_cp_world, 2, args=(assets, str(root)))
     return dp2, dp1
