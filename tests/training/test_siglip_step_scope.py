@@ -108,7 +108,7 @@ def overlap_world(rank, world_size, assets, tmp):
     its gradient in the last micro-batch: t and b, and the text tower while frozen, too). A world
     of its own: its asynchronous gloo collectives run in a process holding no other trainer's
     process groups (one CI run lost a rank to a segfault here when it was dp2_world's third
-    trainer; not reproduced since)."""
+    trainer; its cause is not known)."""
     from megatron_finevit.training.trainer import Trainer
 
     cfg = _cfg(assets)
