@@ -132,8 +132,11 @@ def evaluation_config(args):
         cfg.stage_config.pop("llm_init_dir", None)
         if cfg.stage == "sft":
             cfg.stage_config.pop("allow_random_init", None)
-    cfg.train_steps, cfg.global_batch_size = 0, 1
-    cfg.samples_per_step, cfg.global_batch_schedule = 0, []  # no training batch to size
+    # No training batch to size; TP, PP and CP are 1 below, so every launched rank is a
+    # data-parallel rank (each evaluates its share) and the global batch must split over them.
+    world_size = launch_world_size()
+    cfg.train_steps, cfg.global_batch_size = 0, world_size
+    cfg.samples_per_step, cfg.global_batch_schedule = 0, []
     cfg.optim.warmup_steps = 0
     cfg.parallel.tensor_parallel = cfg.parallel.pipeline_parallel = 1
     cfg.parallel.context_parallel, cfg.parallel.sequence_parallel = 1, False
@@ -149,11 +152,11 @@ def evaluation_config(args):
         cfg.stage_config.pop("text_init_dir", None)
         cfg.stage_config["eval_data_dir"] = None
         problems += input_path_problems(data)
-        if launch_world_size() > 1:
+        if world_size > 1:
             problems.append("--benchmark runs in one process: start it without torchrun / srun")
     elif has_evaluation:  # (a stage without this evaluation may not know the key)
         cfg.stage_config["eval_data_dir"] = args.data
-    found = find_problems(cfg, launch_world_size(), problems)
+    found = find_problems(cfg, world_size, problems)
     if args.benchmark:
         found.path_problems = [p for p in found.path_problems
                                if not p.startswith("stage_config.data.dir=")]

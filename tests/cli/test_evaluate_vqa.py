@@ -1,9 +1,10 @@
 """``python -m megatron_finevit.evaluate --task vqa`` as a user runs it: on a checkpoint that is
 not an SFT run it exits 2 with one clear line and no traceback; on a tiny SFT checkpoint it prints
 the VQA table and writes the dict the trainer's own evaluation gives for the saved weights (the
-run's config, e.g. eval_max_new_tokens, read from the checkpoint); the table's layout."""
+run's config, e.g. eval_max_new_tokens, read from the checkpoint), in one process and under
+torchrun with 2 data-parallel ranks; the table's layout."""
 
-from conftest import error_lines, run_cli
+from conftest import error_lines, free_port, run_cli
 
 
 def test_vqa_task_on_a_non_sft_checkpoint(toy_checkpoint, tmp_path):
@@ -60,6 +61,14 @@ def test_vqa_task_on_a_tiny_sft_checkpoint(tmp_path):
     assert {"vqa_acc_count", "vqa_acc_color", "vqa_acc_read"} <= set(results)
     assert "held-out VQA (exact match)" in proc.stdout
     assert f"all{int(results['vqa_n']):31d}" in proc.stdout
+
+    # under torchrun every rank is a data-parallel rank evaluating its share: the same results
+    dp2 = run_cli("-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                  str(free_port()), "-m", "megatron_finevit.evaluate", "--checkpoint",
+                  str(tmp_path / "ckpt"), "--data", assets["eval"], "--task", "vqa", "--json",
+                  str(tmp_path / "vqa_dp2.json"))
+    assert dp2.returncode == 0, dp2.stderr[-3000:]
+    assert json.loads((tmp_path / "vqa_dp2.json").read_text()) == in_training
 
     wrong = run_cli("-m", "megatron_finevit.evaluate", "--checkpoint", str(tmp_path / "ckpt"),
                     "--data", assets["eval"], "--task", "align")
