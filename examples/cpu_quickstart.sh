@@ -17,7 +17,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # Transparent huge pages for glibc's malloc (glibc >= 2.35; ignored elsewhere). Stage III and SFT
 # allocate and free tens of MB every micro-batch (logits over Qwen3's 151,936-row vocabulary,
 # the tied embedding's gradient); as 4 KiB pages that was a third of the CPU time in page
-# faults, and Stage III ran 1.5x slower (tools/bench_malloc.py measures it)
+# faults, and the quick start's Stage III took 8.5 instead of 6.6 min (tools/bench_malloc.py)
 export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.hugetlb=1}
 RUN=${1:-runs/quickstart}
 PY=.venv/bin/python
