@@ -211,10 +211,8 @@ class DecodePool:
 
     def _started(self) -> ProcessPoolExecutor:
         if self._executor is None:
-            context = multiprocessing.get_context(start_method())
-            if context.get_start_method() == "forkserver":
-                # imported once in the server, not per worker (ignored if it already runs)
-                context.set_forkserver_preload([__name__])
+            # this module imported once in the server, not per worker
+            context = forkserver_context([__name__])
             self._executor = ProcessPoolExecutor(self.num_workers, mp_context=context,
                                                  initializer=_init_worker)
             # a loader dropped without close() (e.g. an evaluation's) still stops its workers

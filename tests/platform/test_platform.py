@@ -151,6 +151,28 @@ def test_harness_times_out_a_hung_collective():
         run_world(_hang_on_rank_0, 2, timeout_s=20)
 
 
+def _environment_and_parent(rank, world_size):
+    import os
+
+    return {"probe": os.environ.get("MULTIRANK_ENV_PROBE"), "ppid": os.getppid()}
+
+
+def test_harness_ranks_get_the_callers_environment_at_the_call(monkeypatch):
+    """Ranks fork from a forkserver started earlier (with another environment): each must still
+    see the environment of the call, as spawned ranks did."""
+    import os
+
+    run_world(_rank_and_size, 2)  # the forkserver runs by now
+    for value in ("first", "second"):
+        monkeypatch.setenv("MULTIRANK_ENV_PROBE", value)
+        results = run_world(_environment_and_parent, 2)
+        assert [r["probe"] for r in results] == [value, value]
+    monkeypatch.delenv("MULTIRANK_ENV_PROBE")
+    assert [r["probe"] for r in run_world(_environment_and_parent, 2)] == [None, None]
+    # forked from the forkserver, not spawned by this process (where Linux has one)
+    assert all(r["ppid"] != os.getpid() for r in results)
+
+
 def test_seeding_keeps_tp_ranks_consistent():
     r0, r1 = run_world(_seeds, 2)
     # TP ranks share the default stream and differ on the tensor-parallel stream.
