@@ -14,6 +14,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Keep BLAS from oversubscribing the 2-core CI machine when ranks run side by side.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# glibc's malloc on transparent huge pages in every process the tests start (the forkserver the
+# multi-rank worlds fork from, CLI subprocesses), as examples/cpu_quickstart.sh does: tiny models
+# with Qwen3's 151,936-row vocabulary allocate and free tens of MB per step (README, "megatron-core
+# on CPU"). Read by glibc at process start, so this process itself is unaffected.
+os.environ.setdefault("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
 
 
 @pytest.fixture
