@@ -53,6 +53,7 @@ from megatron_finevit.data.bad_samples import BadSampleError
 from megatron_finevit.data.decode_pil import Normalization, decode_pil
 from megatron_finevit.data.resize import ResizePolicy
 from megatron_finevit.data.shards import validate_meta
+from megatron_finevit.platform.forkserver import forkserver_context
 
 log = logging.getLogger(__name__)
 
