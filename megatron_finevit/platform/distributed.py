@@ -3,7 +3,8 @@
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT. Under ``srun`` (one
 task per GPU) we read SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID, take the first host of
 SLURM_JOB_NODELIST as the rendezvous address and derive the port from the job id, so every task of
-a job agrees on both without any launcher script.
+a job agrees on both without any launcher script. A process started without a launcher is a
+world of one on a free port.
 """
 
 from __future__ import annotations
@@ -117,7 +118,9 @@ def dist_env_from_environ(environ: dict[str, str] | None = None) -> DistEnv:
             master_port=int(env.get("MASTER_PORT") or slurm_port(env["SLURM_JOB_ID"])),
             launcher="slurm",
         )
-    return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 29500)), "single")
+    # One process meets no one: port 0 lets the OS pick a free one. A fixed default (29500) made
+    # two single-process runs on one machine (an evaluation beside a training) collide.
+    return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)), "single")
 
 
 def collective_device() -> torch.device:

@@ -51,7 +51,30 @@ def test_slurm_env_without_nodelist_is_a_clear_error():
 
 def test_single_process_env():
     env = dist_env_from_environ({})
-    assert (env.rank, env.world_size, env.launcher) == (0, 1, "single")
+    assert (env.rank, env.world_size, env.launcher, env.master_port) == (0, 1, "single", 0)
+    assert dist_env_from_environ({"MASTER_PORT": "29511"}).master_port == 29511
+
+
+def test_single_process_runs_side_by_side(tmp_path):
+    """Two processes started without a launcher on one machine: each initialises its own world
+    of one (before, both took port 29500 and the second died with EADDRINUSE)."""
+    script = tmp_path / "single.py"
+    script.write_text("import sys\n"
+                      "from megatron_finevit.platform.distributed import init_distributed\n"
+                      "env = init_distributed()\n"
+                      "print('up', env.launcher, flush=True)\n"
+                      "sys.stdin.read()\n")  # hold the world until the test is done
+    environ = {k: v for k, v in os.environ.items()
+               if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE", "SLURM_PROCID")}
+    procs = [subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=environ) for _ in range(2)]
+    try:
+        lines = [p.stdout.readline().strip() for p in procs]  # both are up at the same time
+    finally:
+        outputs = [p.communicate(input="", timeout=120) for p in procs]
+    assert lines == ["up single", "up single"], [err[-2000:] for _, err in outputs]
+    assert [p.returncode for p in procs] == [0, 0]
 
 
 @pytest.mark.parametrize("config, world, dims, message", [
