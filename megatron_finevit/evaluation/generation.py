@@ -9,9 +9,11 @@ depend on its own tokens so far only: the slots not generated yet (pad ids) lie 
 Each round runs every unfinished pack once through megatron's forward-only schedule (one
 micro-batch per pack; under PP the p2p shape ``[T (/ TP under SP), 1, h]`` is fixed because
 ``T`` is) and appends each running request's argmax at its next slot. A request stops at a stop
-id (not returned) or after ``max_new_tokens``. The cost is a full forward of the pack (the ViT
-included) per generated token — fine for the short answers of evaluation, and nothing to keep in
-step across stages but the chosen ids.
+id (not returned) or after ``max_new_tokens``. The cost is a full forward of the pack's LLM
+tokens per generated token — fine for the short answers of evaluation, and nothing to keep in
+step across stages but the chosen ids. The images do not change between rounds: the first stage
+encodes and projects a pack's images in its first round and passes those features to the model
+in the later ones (``FineViTVLModel.forward(image_features=)``).
 
 Only the requests' current positions go through the output layer (``output_mask``): their
 vocab-parallel logits ``[1, k, V_pad / TP]`` are gathered over TP, padded vocabulary ids (``>= vocab_size``) dropped, the
@@ -86,9 +88,11 @@ def plan_packs(requests: Sequence[GenerationRequest], max_new_tokens: int, seq_l
 class _Pack:
     """The requests of one pack and their decoding state.
 
-    ids / positions: int64 ``[T]``; images: the pack's ``PackedImages``; slot: int64 ``[k]``,
-    where each request's next token goes (its current last token is at ``slot - 1``);
-    generated: the ids chosen so far per request; running: bool ``[k]``.
+    ids / positions: int64 ``[T]``; images: the pack's ``PackedImages``; features: their
+    projected features ``[N / 4, H]`` once the first pipeline stage has computed them (None
+    before, and on other stages); slot: int64 ``[k]``, where each request's next token goes (its
+    current last token is at ``slot - 1``); generated: the ids chosen so far per request;
+    running: bool ``[k]``.
     """
 
     def __init__(self, requests: Sequence[GenerationRequest], max_new_tokens: int,
@@ -101,6 +105,7 @@ class _Pack:
             self.ids[start:start + len(request.prompt)] = torch.as_tensor(request.prompt)
         self.positions = segment_positions(self.cu_seqlens)
         self.images: PackedImages = pack_images([r.image for r in requests])  # no ViT padding
+        self.features: torch.Tensor | None = None
         self.slot = starts + torch.tensor([len(r.prompt) for r in requests])
         self.generated: list[list[int]] = [[] for _ in requests]
         self.running = torch.ones(len(requests), dtype=torch.bool)
@@ -182,6 +187,7 @@ def _next_tokens(model_chunks: list, packs: list[_Pack], seq_length: int, vocab_
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+    from megatron.core.utils import get_attr_wrapped_model
 
     from megatron_finevit.platform.distributed import collective_device
 
@@ -190,12 +196,14 @@ def _next_tokens(model_chunks: list, packs: list[_Pack], seq_length: int, vocab_
 
     def forward_step(data_iterator, model):
         pack = next(data_iterator)
-        images = dataclasses.replace(pack.images, patches=pack.images.patches.to(device))
+        if pack.features is None and get_attr_wrapped_model(model, "pre_process"):
+            images = dataclasses.replace(pack.images, patches=pack.images.patches.to(device))
+            pack.features = get_attr_wrapped_model(model, "image_features")(images)
         current = torch.zeros(1, seq_length, dtype=torch.bool)
         current[0, pack.slot - 1] = True  # each request's last written slot, in request order
-        output = model(images, pack.ids[None].to(device), pack.positions[None].to(device),
+        output = model(None, pack.ids[None].to(device), pack.positions[None].to(device),
                        packed_seq_params=thd_packed_seq_params(pack.cu_seqlens.to(device)),
-                       output_mask=current.to(device))
+                       output_mask=current.to(device), image_features=pack.features)
 
         def pick(logits):  # last stage: [1, k, V_pad / TP], the current slots only
             rows = logits[0]  # [k, V_pad / TP]

@@ -137,7 +137,8 @@ class FineViTVLModel(MegatronModule):
                 position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None,
                 packed_seq_params: PackedSeqParams | None = None,
-                output_mask: torch.Tensor | None = None) -> torch.Tensor:
+                output_mask: torch.Tensor | None = None,
+                image_features: torch.Tensor | None = None) -> torch.Tensor:
         """``input_ids`` / ``position_ids`` ``[B, S]`` (``S`` divisible by TP under sequence
         parallelism) -> on the last stage, logits ``[B, S, padded vocab / TP]`` (vocab-parallel;
         causal attention when ``attention_mask`` is None) or, with ``labels`` ``[B, S]``, the
@@ -147,6 +148,9 @@ class FineViTVLModel(MegatronModule):
         (``models/llm/masked_output``): with ``labels`` the per-token loss ``[B, S]`` is 0
         elsewhere; without, the logits ``[1, n, padded vocab / TP]`` of the ``n`` set positions
         are returned (in sequence order for ``B = 1``).
+        ``image_features`` ``[N / 4, H]``: what ``image_features(images)`` returned for these
+        images in an earlier call, used instead of running the encoder again (generation calls
+        the model once per new token on the same images); ``images`` is then None.
 
         Packed (``packed_seq_params``, THD — see the module docstring): ``B = 1``, ``S = T`` the
         pack's budget, ``position_ids`` restarting per segment (checked), the loss per token
@@ -178,7 +182,8 @@ class FineViTVLModel(MegatronModule):
         if not self.pre_process:
             output = self.llm(ids, positions, **llm_inputs)
         else:
-            embeds = _take(self._embed(images, input_ids, position_ids), local, 0)  # [S/cp, B, H]
+            embeds = _take(self._embed(images, input_ids, position_ids, image_features),
+                           local, 0)  # [S/cp, B, H]
             if self.llm.config.sequence_parallel:
                 embeds = tensor_parallel.scatter_to_sequence_parallel_region(embeds)
             output = self.llm(ids, positions, decoder_input=embeds, **llm_inputs)
@@ -191,13 +196,18 @@ class FineViTVLModel(MegatronModule):
         return whole.transpose(0, 1)
 
     def _embed(self, images: PackedImages | None, input_ids: torch.Tensor,
-               position_ids: torch.Tensor) -> torch.Tensor:
+               position_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
         """The LM's input embeddings ``[S, B, H]`` of the whole sequence, image placeholders
-        filled with ``image_features`` (whole on every TP rank)."""
+        filled with ``image_features`` (computed here from ``images`` when not given; whole on
+        every TP rank)."""
+        if images is not None and image_features is not None:
+            raise ValueError("give images or their image_features, not both")
         embeds = self.llm.embedding(input_ids=input_ids, position_ids=position_ids)  # [S, B, H]
         placeholders = input_ids == self.vl_config.image_token_id  # [B, S]
         if images is not None:
-            features = self.image_features(images).to(embeds.dtype)
+            image_features = self.image_features(images)
+        if image_features is not None:
+            features = image_features.to(embeds.dtype)
             if int(placeholders.sum()) != features.shape[0]:
                 raise ValueError(f"{int(placeholders.sum())} image tokens in input_ids but the "
                                  f"images give {features.shape[0]} features (one per 2x2 window)")

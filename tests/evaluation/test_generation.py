@@ -6,6 +6,7 @@
   with and without a stop id that ends one of them early; several packs (LLM or ViT budget) give
   the same ids as one.
 - Layouts: TP2 + SP and PP2 give the single rank's ids.
+- Each pack's images go through the encoder once, not once per generated token.
 - ``evaluate_align`` over synthetic held-out images, one of them corrupt: every key, sane
   ranges, the corrupt image counted; DP2 and PP2 return the single rank's dict on every rank.
 """
@@ -104,7 +105,10 @@ def single_world(rank, world_size, dirs, eval_dir):
     save_checkpoint(model, dirs["gen"])
     model = _wrap(model)
     requests = _requests(config)
+    encoder_calls = []
+    hook = model.module.encoder.register_forward_hook(lambda *_: encoder_calls.append(1))
     free = _generate(model, config, requests)
+    calls_one_pack = len(encoder_calls)
     # a stop id first chosen after some tokens of request 0 (ends others too where chosen)
     at = next(i for i, token in enumerate(free[0]) if token != free[0][0])
     stop = free[0][at]
@@ -112,6 +116,9 @@ def single_world(rank, world_size, dirs, eval_dir):
            "stopped": _generate(model, config, requests, stop_ids=(stop,)),
            "one_each": _generate(model, config, requests, seq_length=24),
            "vit_split": _generate(model, config, requests, vit_tokens=32)}
+    hook.remove()
+    # one pack, then 1 + 3 + 3 + 2 packs, each decoding MAX_NEW rounds (or until stopped)
+    out["encoder_calls"] = [calls_one_pack, len(encoder_calls)]
     try:
         _generate(model, config, requests, seq_length=19)
     except ValueError as exc:
@@ -242,6 +249,12 @@ def test_several_packs_generate_the_same_ids(worlds):
     assert single["one_each"] == single["free"]
     assert single["vit_split"] == single["free"]
     assert "does not fit a pack of 19 tokens" in single["too_long"]
+
+
+def test_generation_encodes_each_pack_once(worlds):
+    """The images are encoded in a pack's first round only, not in each of its MAX_NEW rounds
+    (the ids above equal transformers' all the same)."""
+    assert worlds["single"]["encoder_calls"] == [1, 1 + 1 + 3 + 2]
 
 
 @pytest.mark.parametrize("layout", GEN_LAYOUTS, ids=lambda layout: layout.label)
