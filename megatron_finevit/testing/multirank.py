@@ -12,9 +12,9 @@ return plain Python values and CPU tensors).
 - A rank killed by a signal (a segfault in a native library) fails the call with the Python
   stack of each of its threads at that moment (``faulthandler``), not only its exit code.
 - Ranks fork from the process's forkserver (``platform.forkserver``; spawned where there is
-  none), which has imported torch and megatron-core once (``RANK_PRELOAD``), so a world starts in
-  well under a second instead of each rank paying megatron's ~7 s import. A rank runs with the
-  caller's environment at the time of the call, as under spawn.
+  none), which has imported torch and megatron-core once (``RANK_PRELOAD``), so ranks no longer
+  pay megatron's ~7 s import each. A rank runs with the caller's environment at the time of the
+  call, as under spawn.
 - One world can run many checks: put them in one function and return a dict of results, so a
   world's start-up and process-group set-up are paid once rather than once per check.
 """
