@@ -95,6 +95,11 @@ def _rank_main(rank: int, world_size: int, store_path: str, fn: Callable, args: 
         # parent can be taken by another world before rank 0 binds it (seen with parallel runs).
         dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank,
                                 world_size=world_size, timeout=timedelta(minutes=5))
+        # Every rank past its connection set-up before any may finish: a rank whose fn returns
+        # at once could otherwise exit while another still connects to it ("Gloo
+        # connectFullMesh failed ... Connection closed by peer", ~1 in 60 trivial worlds once
+        # ranks forked in a fraction of a second)
+        dist.barrier()
         try:
             result = fn(rank, world_size, *args)
         finally:
