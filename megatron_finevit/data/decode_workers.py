@@ -185,10 +185,6 @@ def decode_images(images: list[bytes], settings: DecodeSettings) -> list[LoadedS
 
 # --- the main side ---------------------------------------------------------------------------
 
-def start_method() -> str:
-    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-
-
 class DecodePool:
     """``num_workers`` processes decoding packs; results come back as futures, so the caller
     consumes them in the order it submitted. Started on first use; ``close()`` stops the

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, Protocol
 
-from megatron_finevit.data.decode_workers import start_method
+from megatron_finevit.platform.forkserver import start_method
 
 
 class PackInFlight(Protocol):

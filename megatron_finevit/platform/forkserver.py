@@ -21,10 +21,16 @@ import multiprocessing.context
 _PRELOAD: list[str] = []
 
 
+def start_method() -> str:
+    """The start method ``forkserver_context`` gives: "forkserver", or "spawn" where there is
+    no forkserver."""
+    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+
+
 def forkserver_context(preload: list[str]) -> multiprocessing.context.BaseContext:
     """A ``forkserver`` context whose server imports ``preload`` (added to what earlier
     callers asked for) when it starts; a ``spawn`` context where there is no forkserver."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():
+    if start_method() == "spawn":
         return multiprocessing.get_context("spawn")
     _PRELOAD.extend(module for module in preload if module not in _PRELOAD)
     context = multiprocessing.get_context("forkserver")
