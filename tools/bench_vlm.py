@@ -354,26 +354,21 @@ def throughput(args, out) -> None:
                  for group in in_batches(phases["timed"]))
     rates = {name: tokens / max(s, 1e-9) for name, s in seconds.items()}
 
-    def pack_flops(pack: list[int], padding: bool) -> float:
-        """FLOPs of a pack; ``padding``: with what the model computes on the LLM's padding
-        tail (a segment, as ``pack_multimodal`` lays it out, trimmed as the align stage trims
-        it; the ViT side is not padded)."""
+    def pack_flops(pack: list[int], computed: bool) -> float:
+        """FLOPs of a pack; ``computed``: what our step computes — the LLM's padding tail too (a
+        segment, as ``pack_multimodal`` lays it out, trimmed as the align stage trims it; the
+        ViT side is not padded) and the output layer on the labelled rows only, as
+        ``models/llm/masked_output`` runs it (else on every real token)."""
         patches, lengths = sizes.patches[pack].tolist(), sizes.llm_tokens[pack].tolist()
-        if padding:
-            computed = len(ours_batch(pack).input_ids)
-            lengths += [computed - sum(lengths)] if computed > sum(lengths) else []
-        return vlm_flops(config, patches, lengths)
+        if not computed:
+            return vlm_flops(config, patches, lengths)
+        batch = ours_batch(pack)
+        padded = len(batch.input_ids)
+        lengths += [padded - sum(lengths)] if padded > sum(lengths) else []
+        return vlm_flops(config, patches, lengths, output_rows=int(batch.loss_mask.sum()))
 
-    def unscored_rows_flops(pack: list[int]) -> float:
-        """What our step skips: the output layer (fwd + bwd) on the pack's rows without a loss
-        (prompts, image placeholders, padding), as ``models/llm/masked_output`` runs it."""
-        loss_mask = ours_batch(pack).loss_mask
-        rows = loss_mask.numel() - int(loss_mask.sum())
-        return 3 * linear_flops(rows, config.llm.hidden_size, config.llm.padded_vocab_size)
-
-    real_flops = sum(pack_flops(pack, padding=False) for pack in phases["timed"])
-    computed = {"ours": sum(pack_flops(pack, padding=True) - unscored_rows_flops(pack)
-                            for pack in phases["timed"]),
+    real_flops = sum(pack_flops(pack, computed=False) for pack in phases["timed"])
+    computed = {"ours": sum(pack_flops(pack, computed=True) for pack in phases["timed"]),
                 "hf": sum(vlm_flops(config, sizes.patches[group].tolist(),
                                     [int(sizes.llm_tokens[group].max())] * len(group))
                           for group in in_batches(phases["timed"]))}

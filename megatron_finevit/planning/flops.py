@@ -20,7 +20,10 @@ Conventions (megatron's ``num_floating_point_operations``):
   square instead, so our LLM attention term is half of PaLM's.
 * Real tokens only: callers pass the lengths of real images and samples, not a pack's padding
   (megatron's THD convention), so MFU does not rise with padding.
-* The LLM's output layer spans the padded vocabulary (the rows the GEMM computes).
+* The LLM's output layer spans the padded vocabulary (the rows the GEMM computes), over the
+  positions it runs at: every token by default; in training only the supervised ones
+  (``output_rows``), as ``models/llm/masked_output`` computes no other logits — counting every
+  position had the quick start's SFT log MFU above 160%.
 
 ``vlm_flops`` is checked against ``torch.utils.flop_counter.FlopCounterMode`` on the megatron
 FineViT-VL (``tests/planning/test_flops.py``); ``transformer_flops`` is the coarser
@@ -111,32 +114,36 @@ def projector_flops(vl_config: FineViTVLConfig, image_patches: Sequence[int]) ->
                       scores=0.0)
 
 
-def llm_tower_flops(llm: Qwen3Config, lengths: Sequence[int]) -> TowerFlops:
+def llm_tower_flops(llm: Qwen3Config, lengths: Sequence[int],
+                    output_rows: int | None = None) -> TowerFlops:
     """The Qwen3 decoder over samples of ``lengths`` tokens: per layer the GQA projections (q over
     all heads, k and v over the query groups, o back to the hidden size), causal attention scores
-    per sample and the SwiGLU MLP; then the output layer over the padded vocabulary. Its input
-    comes from an embedding lookup (no matmul), so ``input_weights`` is 0."""
+    per sample and the SwiGLU MLP; then the output layer over the padded vocabulary at
+    ``output_rows`` positions (default: every token). Its input comes from an embedding lookup
+    (no matmul), so ``input_weights`` is 0."""
     h, f, tokens = llm.hidden_size, llm.ffn_hidden_size, sum(lengths)
+    output_rows = tokens if output_rows is None else output_rows
     q_width, kv_width = llm.num_attention_heads * llm.head_dim, llm.num_query_groups * llm.head_dim
     per_layer = (linear_flops(tokens, h, q_width + 2 * kv_width) + linear_flops(tokens, q_width, h)
                  + linear_flops(tokens, h, 2 * f) + linear_flops(tokens, f, h))
     return TowerFlops(
         input_weights=0.0,
-        weights=llm.num_layers * per_layer + linear_flops(tokens, h, llm.padded_vocab_size),
+        weights=llm.num_layers * per_layer + linear_flops(output_rows, h, llm.padded_vocab_size),
         scores=llm.num_layers * attention_score_flops(lengths, q_width, causal=True))
 
 
 def vlm_flops(vl_config: FineViTVLConfig, image_patches: list[int], llm_lengths: list[int],
               vit_trainable: bool = True, llm_trainable: bool = True,
-              projector_trainable: bool = True) -> float:
+              projector_trainable: bool = True, output_rows: int | None = None) -> float:
     """Forward + backward FLOPs of one FineViT-VL micro-batch: the ViT over each image's
     ``image_patches`` (attention per image), the merge projector, and the LLM over each sample's
-    ``llm_lengths`` tokens (image placeholders included; causal attention per sample). Frozen
+    ``llm_lengths`` tokens (image placeholders included; causal attention per sample), its output
+    layer at ``output_rows`` positions (default: all; training passes the supervised ones). Frozen
     modules cost what their position needs (module docstring): a frozen ViT 1× forward, a frozen
     LLM behind a trained projector 2× in its linears."""
     vit = vit_tower_flops(vl_config.vit, image_patches)
     projector = projector_flops(vl_config, image_patches)
-    llm = llm_tower_flops(vl_config.llm, llm_lengths)
+    llm = llm_tower_flops(vl_config.llm, llm_lengths, output_rows)
     return (vit.forward_backward(vit_trainable, grad_into=False)
             + projector.forward_backward(projector_trainable, grad_into=vit_trainable)
             + llm.forward_backward(llm_trainable, grad_into=vit_trainable or projector_trainable))

@@ -16,6 +16,9 @@ from megatron_finevit.planning import flops, params
 from megatron_finevit.planning.memory import LayerShape
 
 TEXT_TOKENS_PER_SAMPLE = 300
+# the loss and the output layer run on the answer rows only (models/llm/masked_output): ~15% of
+# a FineViT-VL sample's tokens
+ANSWER_FRACTION = 0.15
 
 
 @dataclass(frozen=True)
@@ -173,7 +176,7 @@ def vlm_workload(stage: str, vl, phases, trainable=(True, True, True),
         n = phase.mean_tokens
         patches = sample_patches(n, text_tokens)
         cost = flops.vlm_flops(vl, [patches], [round(n)], vit_trains, llm_trains,
-                               projector_trains)
+                               projector_trains, output_rows=round(ANSWER_FRACTION * n))
         per_pack = phase.samples / phase.micro_batches
         stacks = (Stack("vit", LayerShape.of(vl.vit), vl.vit.num_layers, patches * per_pack,
                         pipelined=False),
@@ -182,9 +185,8 @@ def vlm_workload(stage: str, vl, phases, trainable=(True, True, True),
         built.append(Phase(phase.samples, phase.micro_batches, cost, 0.0, stacks,
                            {**phase.details, "vit_patches_per_sample": patches}))
     llm = vl.llm
-    # loss on the answer rows only (models/llm/masked_output): ~15% of the tokens, bf16 logits,
-    # fp32 softmax and its gradient
-    logits = 0.15 * max(p.pack_tokens for p in phases) * llm.padded_vocab_size * 10
+    # bf16 logits, fp32 softmax and its gradient on the answer rows
+    logits = ANSWER_FRACTION * max(p.pack_tokens for p in phases) * llm.padded_vocab_size * 10
     return Workload(stage, tuple(built),
                     params.vit_params(vl.vit) + params.projector_params(vl)
                     + params.llm_params(llm), 0.0,

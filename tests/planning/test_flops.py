@@ -59,11 +59,11 @@ def counted_world(rank: int, world_size: int) -> dict:
     batch = packed_batch(CONFIG, samples, PACK_BUDGET)
     modules = (model.encoder, model.projector, model.llm)
 
-    def count(custom_mapping: dict) -> int:
+    def count(custom_mapping: dict, **masked) -> int:
         model.zero_grad(set_to_none=True)
         with FlopCounterMode(display=False, custom_mapping=custom_mapping) as counter:
             losses = model(batch["images"], batch["ids"], batch["positions"],
-                           labels=batch["labels"], packed_seq_params=batch["params"])
+                           labels=batch["labels"], packed_seq_params=batch["params"], **masked)
             (losses * batch["loss_mask"]).sum().backward()
         return counter.get_total_flops()
 
@@ -74,6 +74,9 @@ def counted_world(rank: int, world_size: int) -> dict:
         counts[name] = count(cpu_sdpa_formulas())
     model.requires_grad_(True)
     counts["all_plain"] = count({})
+    # as training runs it: the output layer on the supervised rows only (models/llm/masked_output)
+    counts["all_masked"] = count(cpu_sdpa_formulas(), output_mask=batch["loss_mask"])
+    counts["supervised_rows"] = int((batch["loss_mask"] != 0).sum())
     return counts
 
 
@@ -89,6 +92,15 @@ def test_vlm_flops_equal_the_flop_counter(counted, case):
     ours = vlm_flops(CONFIG, IMAGE_PATCHES, LLM_SEGMENTS, vit_trainable=vit, llm_trainable=llm,
                      projector_trainable=projector)
     assert ours == pytest.approx(counted[case], rel=1e-9)
+
+
+def test_output_rows_count_the_logits_training_computes(counted):
+    # training's forward projects only the supervised rows onto the vocabulary: MFU counts those
+    rows = counted["supervised_rows"]
+    assert 0 < rows < sum(LLM_SEGMENTS)
+    ours = vlm_flops(CONFIG, IMAGE_PATCHES, LLM_SEGMENTS, output_rows=rows)
+    assert ours == pytest.approx(counted["all_masked"], rel=1e-9)
+    assert ours < vlm_flops(CONFIG, IMAGE_PATCHES, LLM_SEGMENTS)
 
 
 def test_the_counter_alone_misses_cpu_attention(counted):

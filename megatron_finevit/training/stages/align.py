@@ -471,7 +471,8 @@ class AlignStage:
         placeholders = sum(patches) // 4
         flops = vlm_flops(self.vl, patches, lengths, vit_trainable=self.trainable["vit"],
                           llm_trainable=self.trainable["llm"],
-                          projector_trainable=self.trainable["projector"])
+                          projector_trainable=self.trainable["projector"],
+                          output_rows=int((batch.loss_mask != 0).sum()))  # as forward_step
         return (float(batch.num_samples), float(sum(lengths)), flops,
                 {"image_tokens": float(sum(patches)),
                  "text_tokens": float(sum(lengths) - placeholders)})
