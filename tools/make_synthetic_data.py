@@ -1,7 +1,7 @@
 """Write the synthetic FineCap-mini data set as WebDataset shards.
 
     python tools/make_synthetic_data.py --out data/finecap-mini --num 2000 --seed 0 \
-        [--samples-per-shard 256] [--square-size 224 --shape-scale 0.3 0.6 --max-shapes 2]
+        [--samples-per-shard 256] [--square-size 224 --shape-scale 0.3 0.6 --max-shapes 2 --grid-cell 56]
 
 Then index it: python tools/build_index.py data/finecap-mini
 """
@@ -32,10 +32,13 @@ def main(argv=None) -> None:
                         "(default 4)")
     parser.add_argument("--max-words", type=int, default=2, help="words per image, 0..N "
                         "(default 2)")
+    parser.add_argument("--grid-cell", type=int, default=None, metavar="PIXELS",
+                        help="place shapes on a grid of PIXELS-wide cells: sides whole cells, "
+                             "corners on cell boundaries (default: anywhere)")
     args = parser.parse_args(argv)
     try:
         spec = SceneSpec(args.square_size, tuple(args.shape_scale), args.max_shapes,
-                         args.max_words)
+                         args.max_words, args.grid_cell)
     except ValueError as exc:
         parser.error(str(exc))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -68,10 +68,15 @@ class SceneSpec:
     shape_scale: tuple[float, float] = (0.15, 0.35)  # shape side over the short side
     max_shapes: int = 4
     max_words: int = 2
+    # None: shapes anywhere. N: shapes on a grid of N-pixel cells — each side rounded to a whole
+    # number of cells (at least one), each corner on a cell boundary, so every shape's box edge
+    # is a grid line (words stay free)
+    grid_cell: int | None = None
 
     def __post_init__(self):
         low, high = self.shape_scale
-        if not 0 < low <= high < 1 or self.max_shapes < 1 or self.max_words < 0:
+        if (not 0 < low <= high < 1 or self.max_shapes < 1 or self.max_words < 0
+                or (self.grid_cell is not None and self.grid_cell < 1)):
             raise ValueError(f"invalid scene: {self}")
         if self.square_size is not None and self.square_size < 56:
             raise ValueError(f"square_size={self.square_size} must be >= 56")
@@ -102,6 +107,21 @@ def _place(rng, w, h, bw, bh, boxes, tries=50):
     return None
 
 
+def _place_on_grid(rng, w, h, side, cell, boxes, tries=50):
+    """Random square box on the grid of ``cell``-pixel cells, its side ``side`` rounded to whole
+    cells (at least one), not overlapping `boxes` (touching allowed: neighbouring cells), or None."""
+    side = max(1, int(round(side / cell))) * cell
+    if side >= w or side >= h:
+        return None
+    for _ in range(tries):
+        x = int(rng.integers(0, (w - side) // cell + 1)) * cell
+        y = int(rng.integers(0, (h - side) // cell + 1)) * cell
+        box = [x, y, x + side, y + side]
+        if not _overlaps(box, boxes, margin=0):
+            return box
+    return None
+
+
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: list[int], rgb) -> None:
     x1, y1, x2, y2 = box
     if shape == "circle":
@@ -125,7 +145,8 @@ def make_sample(seed: int, index: int, spec: SceneSpec = SceneSpec()) -> tuple[b
 
     for _ in range(int(rng.integers(1, spec.max_shapes + 1))):
         side = int(rng.uniform(*spec.shape_scale) * short)
-        box = _place(rng, width, height, side, side, boxes)
+        box = (_place(rng, width, height, side, side, boxes) if spec.grid_cell is None
+               else _place_on_grid(rng, width, height, side, spec.grid_cell, boxes))
         if box is None:
             continue
         shape = SHAPES[int(rng.integers(len(SHAPES)))]

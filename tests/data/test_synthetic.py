@@ -1,5 +1,6 @@
 """FineCap-mini generator (determinism, ground truth visible in pixels) and the JSONL importer."""
 
+import dataclasses
 import io
 import json
 import subprocess
@@ -119,4 +120,38 @@ def test_scene_spec_square_images_with_large_shapes(tmp_path):
     shard_meta = [m for _, _, m in iter_shard(list_shards(tmp_path / "s")[0])]
     assert [(m["height"], m["width"]) for m in shard_meta] == [(224, 224)] * 3
     bad = subprocess.run(run[:-4] + ["0.7", "0.2"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "invalid scene" in bad.stderr
+
+
+def test_grid_cell_puts_every_shape_box_on_the_grid(tmp_path):
+    """``grid_cell``: shape sides whole cells (1 or 2 of 56 px for 30-60% of 224), corners on
+    cell boundaries, no two shapes overlapping, the named colour at each centre; words stay
+    free; the CLI flag reaches it and rejects a cell below one pixel."""
+    from megatron_finevit.data.synthetic import SceneSpec
+
+    spec = SceneSpec(square_size=224, shape_scale=(0.3, 0.6), max_shapes=2, max_words=1,
+                     grid_cell=56)
+    sides = set()
+    for index in range(40):
+        image_bytes, meta = make_sample(seed=7, index=index, spec=spec)
+        image = np.asarray(Image.open(io.BytesIO(image_bytes)).convert("RGB")).astype(int)
+        boxes = [region["box"] for region in meta["regions"]]
+        for region, (x1, y1, x2, y2) in zip(meta["regions"], boxes):
+            assert all(v % 56 == 0 for v in (x1, y1, x2, y2)) and x2 - x1 == y2 - y1
+            sides.add((x2 - x1) // 56)
+            colour = region["caption"].split()[1]
+            cy = (y1 + 2 * y2) // 3 if region["label"] == "triangle" else (y1 + y2) // 2
+            assert np.abs(image[cy, (x1 + x2) // 2] - COLORS[colour]).max() < 40
+        if len(boxes) == 2:
+            (a, b) = boxes
+            assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1]
+    assert sides == {1, 2}
+    unsnapped = make_sample(seed=7, index=0, spec=dataclasses.replace(spec, grid_cell=None))[1]
+    assert any(v % 56 for region in unsnapped["regions"] for v in region["box"])
+    run = [sys.executable, str(REPO / "tools/make_synthetic_data.py"), "--out", str(tmp_path / "g"),
+           "--num", "2", "--square-size", "224", "--shape-scale", "0.3", "0.6", "--grid-cell"]
+    subprocess.run(run + ["56"], check=True, capture_output=True)
+    assert all(v % 56 == 0 for _, _, m in iter_shard(list_shards(tmp_path / "g")[0])
+               for region in m["regions"] for v in region["box"])
+    bad = subprocess.run(run + ["0"], capture_output=True, text=True)
     assert bad.returncode == 2 and "invalid scene" in bad.stderr
