@@ -8,9 +8,9 @@
 #
 #   bash examples/cpu_quickstart.sh [RUN_DIR]      (default runs/quickstart; data is reused)
 #
-# Fails unless Stage II's retrieval R@1 is at least 5x chance, Stage III's region-caption exact
-# match at least 2x the most-frequent-answer baseline and SFT's VQA accuracy at least 1.3x the
-# majority-answer baseline.
+# Fails unless Stage II's retrieval R@1 is at least 5x chance, Stage III's grounding accuracy at
+# least 1.5x the mean-box baseline and its region-caption exact match at least 2x the
+# most-frequent-answer baseline, and SFT's VQA accuracy at least 1.3x the majority-answer baseline.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -27,13 +27,17 @@ GENERATE=".venv/bin/torchrun --nproc-per-node 2 -m megatron_finevit.evaluate"
 start=$(date +%s)
 
 # 1. data: FineCap-mini synthetic shards (train + held-out eval split), and for Stage III a
-#    grounding set (224² scenes, one or two large shapes, at most one word), indexed
-grounding="--square-size 224 --shape-scale 0.3 0.6 --max-shapes 2 --max-words 1"
+#    grounding set (224² scenes, one or two large shapes on a 4x4 grid of 56-px cells, at most
+#    one word), indexed. Each split records the arguments it was made with (made_with) and is
+#    made again when they change.
+grounding="--square-size 224 --shape-scale 0.3 0.6 --max-shapes 2 --max-words 1 --grid-cell 56"
 for split in "train 1536 0" "eval 256 1" "align_train 3072 10 $grounding" "align_eval 256 11 $grounding"; do
   set -- $split
-  if [ ! -f "$RUN/data/$1/index.zarr/zarr.json" ]; then
+  if [ "$(cat "$RUN/data/$1/made_with" 2>/dev/null)" != "$*" ]; then
+    rm -rf "$RUN/data/$1"
     $PY tools/make_synthetic_data.py --out "$RUN/data/$1" --num "$2" --seed "$3" "${@:4}"
     $PY tools/build_index.py "$RUN/data/$1"
+    echo "$*" > "$RUN/data/$1/made_with"
   fi
 done
 # 2. the tiny random DINOv3 teacher (the real one cannot be downloaded here) and the tokenizer
@@ -85,8 +89,13 @@ $GENERATE --checkpoint "$RUN/stage3" --data "$RUN/data/align_eval" --task align 
 #    Stage III model, held-out VQA before and after
 for split in "vqa_train align_train train 0" "vqa_eval align_eval eval 1"; do
   set -- $split
-  [ -f "$RUN/data/$1/index.zarr/zarr.json" ] || $PY tools/make_synthetic_vqa.py \
-    --source "$RUN/data/$2" --out "$RUN/data/$1" --split "$3" --seed "$4" >/dev/null
+  made_with="$* from $(cat "$RUN/data/$2/made_with")"
+  if [ "$(cat "$RUN/data/$1/made_with" 2>/dev/null)" != "$made_with" ]; then
+    rm -rf "$RUN/data/$1"
+    $PY tools/make_synthetic_vqa.py --source "$RUN/data/$2" --out "$RUN/data/$1" --split "$3" \
+      --seed "$4" >/dev/null
+    echo "$made_with" > "$RUN/data/$1/made_with"
+  fi
 done
 sft="stage_config.data.dir=$RUN/data/vqa_train stage_config.eval_data_dir=$RUN/data/vqa_eval
      checkpoint.load_dir=$RUN/stage3"
@@ -144,6 +153,9 @@ print(f"sft_vqa_baseline={after4['vqa_baseline']:.4f}")
 print(f"wall time {seconds // 60} min {seconds % 60} s")
 if after["i2t_r1"] < 5 / n or after["t2i_r1"] < 5 / n:
     sys.exit("retrieval R@1 is not well above chance: the run did not learn")
+if after3["grounding_acc"] < 1.5 * after3["grounding_baseline"]:
+    sys.exit("Stage III grounding is not well above the mean box: the LLM does not learn where "
+             "things are")
 if after3["region_caption_em"] < 2 * after3["region_caption_baseline_em"]:
     sys.exit("Stage III region captions are not well above the most-frequent answer: the LLM "
              "does not read the image")
