@@ -121,6 +121,11 @@ class EvalSection:
     interval: int = 0                 # steps between evaluations; 0: only before and after
     at_start: bool = True
     at_end: bool = True
+    # the logging rank writes every evaluation of the run to this JSON file, keyed "start", the
+    # step (periodic ones) and "end", each the metrics ``python -m megatron_finevit.evaluate
+    # --json`` writes for the same checkpoint: the evaluations before and after a stage without
+    # two more processes loading the model (the quick start). Rewritten after each evaluation.
+    results_json: str | None = None
 
 
 @dataclass

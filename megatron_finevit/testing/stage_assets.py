@@ -143,18 +143,18 @@ def tiny_sft_run(assets: dict, steps: int, global_batch: int = 2, tp: int = 1, p
 
 
 def train_tiny_sft_and_evaluate(rank: int, world_size: int, assets: dict, ckpt_dir: str,
-                                steps: int = 2) -> dict:
+                                steps: int = 2, results_json: str | None = None) -> dict:
     """A ``run_world`` rank: ``steps`` SFT steps from random weights on ``assets["sft"]``, saved
     to ``ckpt_dir``, then the trainer's own evaluation (``eval_data_dir=assets["eval"]``) of the
-    saved weights. Lives here, not in a test module, so spawned ranks import no test files."""
+    saved weights at the end of the run (``eval.at_end``, recorded in ``results_json``). Lives
+    here, not in a test module, so spawned ranks import no test files."""
     from megatron_finevit.training.trainer import Trainer
 
     cfg = tiny_sft_run(assets, steps, allow_random_init=True, eval_data_dir=assets["eval"],
                        eval_max_new_tokens=4)
     cfg.checkpoint.dir = ckpt_dir
-    trainer = Trainer(cfg)
-    trainer.train()
-    return trainer.evaluate()
+    cfg.eval.at_start, cfg.eval.at_end, cfg.eval.results_json = False, True, results_json
+    return Trainer(cfg).train()["evaluations"]["end"]
 
 class Interleaved:
     """One rank's iterator over the packs of several DP ranks' loaders, in turn."""

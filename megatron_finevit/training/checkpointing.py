@@ -190,7 +190,8 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
     return path
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text``: a reader sees the old file or the new one, never part."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -222,7 +223,7 @@ def publish_save(final: Path, tmp: Path, keep_last: int) -> None:
         if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _write_atomically(final.parent / LATEST, final.name)
+        write_atomically(final.parent / LATEST, final.name)
         _prune(final.parent, keep_last, keep=final.name)
     dist.barrier()
 

@@ -66,14 +66,14 @@ class PreemptionHandler:
         starts clean."""
         import torch.distributed as dist
 
-        from megatron_finevit.training.checkpointing import _write_atomically
+        from megatron_finevit.training.checkpointing import write_atomically
 
         self.received = None
         marker = os.environ.get(REQUEUE_MARKER_ENV)
         if dist.is_initialized():
             dist.barrier()  # every rank has stopped, and its part of the checkpoint is written
         if marker and (not dist.is_initialized() or dist.get_rank() == 0):
-            _write_atomically(Path(marker), message + "\n")
+            write_atomically(Path(marker), message + "\n")
         if dist.is_initialized():
             dist.barrier()  # the marker exists before any rank exits
 

@@ -1,7 +1,7 @@
 """``python -m megatron_finevit.evaluate --task vqa`` as a user runs it: on a checkpoint that is
 not an SFT run it exits 2 with one clear line and no traceback; on a tiny SFT checkpoint it prints
-the VQA table and writes the dict the trainer's own evaluation gives for the saved weights (the
-run's config, e.g. eval_max_new_tokens, read from the checkpoint), in one process and under
+the VQA table and writes the dict the trainer's own evaluation at the end of the run gives for
+the saved weights (and records in ``eval.results_json``; the run's config, e.g. eval_max_new_tokens, read from the checkpoint), in one process and under
 torchrun with 2 data-parallel ranks; the table's layout."""
 
 from conftest import error_lines, free_port, run_cli
@@ -51,7 +51,10 @@ def test_vqa_task_on_a_tiny_sft_checkpoint(tmp_path):
         build_index(tmp_path / split, progress=False)
         assets[split] = str(tmp_path / split)
     assets["sft"] = assets["train"]
-    (in_training,) = run_world(train_tiny_sft_and_evaluate, 1, args=(assets, str(tmp_path / "ckpt")))
+    (in_training,) = run_world(train_tiny_sft_and_evaluate, 1, args=(
+        assets, str(tmp_path / "ckpt"), 2, str(tmp_path / "in_training.json")))
+    # eval.results_json: the run's own record of its evaluation at the end
+    assert json.loads((tmp_path / "in_training.json").read_text()) == {"end": in_training}
 
     proc = run_cli("-m", "megatron_finevit.evaluate", "--checkpoint", str(tmp_path / "ckpt"),
                    "--data", assets["eval"], "--task", "vqa", "--json", str(tmp_path / "vqa.json"))
