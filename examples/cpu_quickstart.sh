@@ -21,9 +21,6 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.hugetlb=1}
 RUN=${1:-runs/quickstart}
 PY=.venv/bin/python
-# the generation evaluations run as 2 data-parallel ranks (each answers its share; the same
-# metrics as one process, in ~2/3 of the time); retrieval's ~10 s is mostly start-up and stays in one
-GENERATE=".venv/bin/torchrun --nproc-per-node 2 -m megatron_finevit.evaluate"
 start=$(date +%s)
 
 # 1. data: FineCap-mini synthetic shards (train + held-out eval split), and for Stage III a
@@ -52,7 +49,7 @@ if ! grep -qs '"hidden_size": 128' "$RUN/qwen3_hf/config.json"; then
 fi
 [ -f "$RUN/qwen3_mcore/model_config.json" ] || $PY tools/convert_checkpoint.py hf-to-mcore \
   --model qwen3 --hf-dir "$RUN/qwen3_hf" --mcore-dir "$RUN/qwen3_mcore" >/dev/null
-rm -rf "$RUN/stage1" "$RUN/stage2" "$RUN/stage3" "$RUN/sft_phase1"
+rm -rf "$RUN/stage1" "$RUN/stage2" "$RUN/stage3" "$RUN/sft_phase1" "$RUN"/*_eval.json
 
 paths="stage_config.data.dir=$RUN/data/train"
 # 4. Stage I: masked image modelling, DP=2
@@ -60,31 +57,27 @@ paths="stage_config.data.dir=$RUN/data/train"
   $paths stage_config.teacher_dir="$RUN/teacher" stage_config.eval_data_dir="$RUN/data/eval" \
   checkpoint.dir="$RUN/stage1"
 
-# 5. retrieval of the model Stage II starts from (Stage I's ViT, fresh heads and text tower)
+# Stages II, III and SFT evaluate on their held-out split before the first step and after the
+# last, in the training run itself (eval.at_start / at_end), and record both in
+# eval.results_json: the metrics `python -m megatron_finevit.evaluate --json` gives for the same
+# weights, without two more processes loading the model per stage.
+evals="eval.at_start=true eval.at_end=true"
+
+# 5. Stage II: contrastive, DP=2, from Stage I's weights; retrieval before (Stage I's ViT, fresh
+#    heads and text tower) and after
 s2="$paths stage_config.tokenizer=$RUN/tokenizer.model stage_config.eval_data_dir=$RUN/data/eval"
-$PY -m megatron_finevit.evaluate --checkpoint "$RUN/stage1" --config examples/stage2_contrastive_tiny.yaml \
-  --data "$RUN/data/eval" --json "$RUN/eval_before.json" $s2 >/dev/null
-
-# 6. Stage II: contrastive, DP=2, from Stage I's weights
 .venv/bin/torchrun --nproc-per-node 2 -m megatron_finevit.train --config examples/stage2_contrastive_tiny.yaml \
-  $s2 checkpoint.dir="$RUN/stage2" checkpoint.load_dir="$RUN/stage1" eval.at_start=false eval.at_end=false
+  $s2 checkpoint.dir="$RUN/stage2" checkpoint.load_dir="$RUN/stage1" $evals \
+  eval.results_json="$RUN/stage2_eval.json"
 
-# 7. retrieval after Stage II
-$PY -m megatron_finevit.evaluate --checkpoint "$RUN/stage2" --data "$RUN/data/eval" \
-  --json "$RUN/eval_after.json" $s2 >/dev/null
-
-# 8. grounding of the model Stage III starts from (Stage II's encoder, the converted Qwen3, a fresh
-#    projector), Stage III (DP=2), grounding after it
+# 6. Stage III (DP=2) from Stage II's encoder, the converted Qwen3 and a fresh projector;
+#    grounding and region captions before and after
 s3="stage_config.data.dir=$RUN/data/align_train stage_config.eval_data_dir=$RUN/data/align_eval
     stage_config.vit_init_dir=$RUN/stage2 stage_config.llm_init_dir=$RUN/qwen3_mcore"
-$GENERATE --checkpoint "$RUN/stage2" --config examples/stage3_align_tiny.yaml \
-  --data "$RUN/data/align_eval" --task align --json "$RUN/align_before.json" $s3 >/dev/null
 .venv/bin/torchrun --nproc-per-node 2 -m megatron_finevit.train --config examples/stage3_align_tiny.yaml \
-  $s3 checkpoint.dir="$RUN/stage3"
-$GENERATE --checkpoint "$RUN/stage3" --data "$RUN/data/align_eval" --task align \
-  --json "$RUN/align_after.json" >/dev/null
+  $s3 checkpoint.dir="$RUN/stage3" $evals eval.results_json="$RUN/stage3_eval.json"
 
-# 9. SFT: synthetic VQA conversations about the grounding set's images (count the shapes, the
+# 7. SFT: synthetic VQA conversations about the grounding set's images (count the shapes, the
 #    colour of a named shape, read the word; some text-only), phase I tiny (DP=2) from the whole
 #    Stage III model, held-out VQA before and after
 for split in "vqa_train align_train train 0" "vqa_eval align_eval eval 1"; do
@@ -99,18 +92,16 @@ for split in "vqa_train align_train train 0" "vqa_eval align_eval eval 1"; do
 done
 sft="stage_config.data.dir=$RUN/data/vqa_train stage_config.eval_data_dir=$RUN/data/vqa_eval
      checkpoint.load_dir=$RUN/stage3"
-$GENERATE --checkpoint "$RUN/stage3" --config examples/sft_phase1_tiny.yaml \
-  --data "$RUN/data/vqa_eval" --task vqa --json "$RUN/vqa_before.json" $sft >/dev/null
 .venv/bin/torchrun --nproc-per-node 2 -m megatron_finevit.train --config examples/sft_phase1_tiny.yaml \
-  $sft checkpoint.dir="$RUN/sft_phase1"
-$GENERATE --checkpoint "$RUN/sft_phase1" --data "$RUN/data/vqa_eval" --task vqa \
-  --json "$RUN/vqa_after.json" >/dev/null
+  $sft checkpoint.dir="$RUN/sft_phase1" $evals eval.results_json="$RUN/sft_phase1_eval.json"
 
-# 10. the tables
+# 8. the tables
 $PY - "$RUN" "$(( $(date +%s) - start ))" <<'PYEOF'
 import json, sys
 run, seconds = sys.argv[1], int(sys.argv[2])
-before, after = (json.load(open(f"{run}/eval_{w}.json")) for w in ("before", "after"))
+evaluations = {stage: json.load(open(f"{run}/{stage}_eval.json"))
+               for stage in ("stage2", "stage3", "sft_phase1")}
+before, after = evaluations["stage2"]["start"], evaluations["stage2"]["end"]
 n = int(after["num_images"])
 print(f"\nheld-out retrieval, {n} images / {n} captions (recall, %):")
 print(f"{'':26s}{'R@1':>8s}{'R@5':>8s}{'R@10':>8s}")
@@ -122,7 +113,7 @@ if "zero_shot_top1" in after:
     print(f"zero-shot colour+shape top-1 ({int(after['zero_shot_images'])} single-shape images): before "
           f"{100 * before.get('zero_shot_top1', 0):.1f}%, after {100 * after['zero_shot_top1']:.1f}%, "
           f"chance {100 * after['zero_shot_chance_top1']:.1f}%")
-before3, after3 = (json.load(open(f"{run}/align_{w}.json")) for w in ("before", "after"))
+before3, after3 = evaluations["stage3"]["start"], evaluations["stage3"]["end"]
 print(f"\nheld-out Stage III QA ({int(after3['grounding_n'])} grounding questions, "
       f"{int(after3['region_caption_n'])} region-caption questions):")
 print(f"{'':44s}{'before':>8s}{'after':>8s}{'baseline':>10s}")
@@ -138,7 +129,7 @@ print(f"align_grounding_acc={after3['grounding_acc']:.4f}")
 print(f"align_grounding_baseline={after3['grounding_baseline']:.4f}")
 print(f"align_region_caption_em={after3['region_caption_em']:.4f}")
 print(f"align_region_caption_baseline_em={after3['region_caption_baseline_em']:.4f}")
-before4, after4 = (json.load(open(f"{run}/vqa_{w}.json")) for w in ("before", "after"))
+before4, after4 = evaluations["sft_phase1"]["start"], evaluations["sft_phase1"]["end"]
 print(f"\nheld-out VQA after SFT ({int(after4['vqa_n'])} questions, exact match):")
 print(f"{'':24s}{'before':>8s}{'after':>8s}{'baseline':>10s}")
 for kind in sorted(k[len("vqa_n_"):] for k in after4 if k.startswith("vqa_n_")) + [""]:
