@@ -156,6 +156,7 @@ def train_tiny_sft_and_evaluate(rank: int, world_size: int, assets: dict, ckpt_d
     cfg.eval.at_start, cfg.eval.at_end, cfg.eval.results_json = False, True, results_json
     return Trainer(cfg).train()["evaluations"]["end"]
 
+
 class Interleaved:
     """One rank's iterator over the packs of several DP ranks' loaders, in turn."""
 

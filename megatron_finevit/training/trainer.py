@@ -185,7 +185,6 @@ class Trainer:
                                 cfg.logging.progress_bar)
         self.throughput = Throughput(dist.get_world_size(), peak_tflops(cfg.logging.peak_tflops))
         self.loss_history: list[float] = []
-        self._evaluations: dict[str, dict[str, float]] = {}  # eval.results_json's contents
 
     def _build_model_and_optimizer(self) -> None:
         """Sets ``model`` (the chunks stages see), ``optimizer`` and ``scheduler``."""
@@ -342,9 +341,8 @@ class Trainer:
 
     # --- the loop -------------------------------------------------------------------------------
 
-    def evaluate(self, key: str | None = None) -> dict[str, float]:
-        """Held-out metrics of the current weights (the stage's own evaluation); ``key`` names
-        them in ``eval.results_json`` ("start", the step, "end"; None: not recorded)."""
+    def evaluate(self) -> dict[str, float]:
+        """Held-out metrics of the current weights (the stage's own evaluation)."""
         for chunk in self.model:
             chunk.eval()
         with torch.no_grad(), params_gathered(self.model):
@@ -357,17 +355,16 @@ class Trainer:
             if self.sink.writer:
                 for k, v in results.items():
                     self.sink.writer.add_scalar(f"eval/{k}", v, self.state.step)
-        if key is not None and self.cfg.eval.results_json:
-            self._record_evaluation(key, results)
         return results
 
-    def _record_evaluation(self, key: str, results: dict[str, float]) -> None:
-        """Add ``results`` under ``key`` to ``eval.results_json`` (logging rank; atomic)."""
-        self._evaluations[key] = results
-        if self.is_logger:
+    def _evaluate_into(self, evaluations: dict, key) -> None:
+        """Evaluate, add the results to the run's ``evaluations`` under ``key`` ("start", the
+        step, "end") and, with ``eval.results_json``, write them all there (logging rank)."""
+        evaluations[key] = self.evaluate()
+        if self.cfg.eval.results_json and self.is_logger:
             path = Path(self.cfg.eval.results_json)
             path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomically(path, json.dumps(self._evaluations, indent=2))
+            write_atomically(path, json.dumps(evaluations, indent=2))
 
     def _stop_on_signal(self, handler: PreemptionHandler, save: bool) -> None:
         """Every rank has agreed to stop: save (unless no step ran since the last checkpoint),
@@ -390,7 +387,7 @@ class Trainer:
             if stopped_by_signal:
                 self._stop_on_signal(handler, save=False)
             if cfg.eval.at_start and self.state.step == 0 and not stopped_by_signal:
-                evaluations["start"] = self.evaluate("start")
+                self._evaluate_into(evaluations, "start")
             self.throughput.reset()
             while not stopped_by_signal and self.state.step < cfg.train_steps:
                 start = time.perf_counter()
@@ -406,7 +403,7 @@ class Trainer:
                     self.throughput.reset()
                     self.sink.step(step, metrics)
                 if cfg.eval.interval and step % cfg.eval.interval == 0 and step < cfg.train_steps:
-                    evaluations[step] = self.evaluate(str(step))
+                    self._evaluate_into(evaluations, step)
                 periodic = cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0
                 if handler is not None and handler.should_stop():
                     stopped_by_signal = True
@@ -418,7 +415,7 @@ class Trainer:
                 if cfg.checkpoint.dir:
                     self.save()
                 if cfg.eval.at_end:
-                    evaluations["end"] = self.evaluate("end")
+                    self._evaluate_into(evaluations, "end")
             return {"state": asdict(self.state), "losses": self.loss_history,
                     "evaluations": evaluations, "stopped_by_signal": stopped_by_signal}
         finally:

@@ -1,8 +1,9 @@
 """``python -m megatron_finevit.evaluate --task vqa`` as a user runs it: on a checkpoint that is
 not an SFT run it exits 2 with one clear line and no traceback; on a tiny SFT checkpoint it prints
 the VQA table and writes the dict the trainer's own evaluation at the end of the run gives for
-the saved weights (and records in ``eval.results_json``; the run's config, e.g. eval_max_new_tokens, read from the checkpoint), in one process and under
-torchrun with 2 data-parallel ranks; the table's layout."""
+the saved weights and records in ``eval.results_json`` (the run's config, e.g.
+eval_max_new_tokens, read from the checkpoint), in one process and under torchrun with 2
+data-parallel ranks; the table's layout."""
 
 from conftest import error_lines, free_port, run_cli
 
